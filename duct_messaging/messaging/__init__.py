@@ -1,0 +1,1 @@
+"""Messaging: routing, codecs, schemas, tracing, producers and consumers."""
