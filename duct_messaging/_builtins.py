@@ -1,0 +1,28 @@
+"""The built-in component keys, each imported only when a config uses it.
+
+Importing a transport module needs its client library (an optional extra),
+so nothing here imports one eagerly.
+"""
+
+from __future__ import annotations
+
+from duct_messaging.system import register_lazy
+
+BUILTIN_KEYS = {
+    "duct.messaging/routing": "duct_messaging.messaging.components",
+    "duct.messaging/producers": "duct_messaging.messaging.components",
+    "duct.messaging/producer": "duct_messaging.messaging.components",
+    "duct.messaging/deferred": "duct_messaging.messaging.deferred",
+    "duct.memory/clients": "duct_messaging.transports.memory",
+    "duct.memory/producers": "duct_messaging.transports.memory",
+    "duct.memory/consumers": "duct_messaging.transports.memory",
+    "duct.kafka/clients": "duct_messaging.transports.kafka",
+    "duct.kafka/producers": "duct_messaging.transports.kafka",
+    "duct.kafka/consumers": "duct_messaging.transports.kafka",
+}
+
+
+def register_builtins() -> None:
+    """Make every built-in key known to the component registry."""
+    for key, module in BUILTIN_KEYS.items():
+        register_lazy(key, module)

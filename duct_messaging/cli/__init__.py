@@ -1,0 +1,45 @@
+"""The `duct-messaging` command line.
+
+Each subcommand lives in its own module exposing `add_parser(subparsers)`,
+which registers the subcommand and sets `func` on its parser; `func(args)`
+returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Subcommand modules, in the order `--help` lists them.
+_COMMANDS = ("_run", "_check", "_graph", "_dlq", "_deferred")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser with every available subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="duct-messaging",
+        description="Run, check and inspect duct-messaging systems.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in _COMMANDS:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` (default: the process arguments) and run the subcommand."""
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

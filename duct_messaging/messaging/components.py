@@ -1,0 +1,185 @@
+"""The messaging component types a system config can name.
+
+- `duct.messaging/routing`: the resolved `Routing` (topics, publish,
+  subscriptions, handlers), from a plain routing map or `default_routing`
+  plus `overrides`.
+- `duct.messaging/producers`: one client -> transport producer mapping,
+  merged from the per-transport registries listed in its value.
+- `duct.messaging/producer`: the common `Producer` (`produce`/`aproduce`).
+
+Transports register their own keys (`duct.kafka/clients`, ...) in their
+modules. Every check here runs before anything starts, on the raw config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from duct_messaging.messaging.producer import Producer, merge_registries
+from duct_messaging.messaging.routing import Routing, build_routing, routing_problems
+from duct_messaging.system import CheckContext, Ref, RefSet, component
+from duct_messaging.transports.base import TransportProducer
+
+
+def deref_deep(ctx: CheckContext, value: Any, depth: int = 8) -> Any:
+    """Return `value` with refs replaced by the raw config they point to."""
+    if depth <= 0:
+        return value
+    if isinstance(value, Ref | RefSet):
+        return deref_deep(ctx, ctx.deref(value), depth - 1)
+    if isinstance(value, Mapping):
+        return {k: deref_deep(ctx, v, depth - 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [deref_deep(ctx, v, depth - 1) for v in value]
+    return value
+
+
+@component("duct.messaging/routing")
+def routing(value: Mapping[str, Any]) -> Routing:
+    """Validate the routing, resolve its handlers and compile its schemas."""
+    return build_routing(value)
+
+
+@routing.check
+def _check_routing(value: Any, ctx: CheckContext) -> Iterator[str]:
+    raw = deref_deep(ctx, value, depth=2) if isinstance(value, Mapping) else value
+    yield from routing_problems(raw)
+
+
+@component("duct.messaging/producers")
+def producers(value: Any) -> dict[str, TransportProducer]:
+    """Merge per-transport producer registries into one client mapping."""
+    if isinstance(value, Mapping) and "registries" in value:
+        value = value["registries"]
+    return merge_registries(value)
+
+
+@component("duct.messaging/producer")
+async def producer(value: Mapping[str, Any]) -> Producer:
+    """Return the common producer bound to the running event loop."""
+    registry = value["producers"]
+    if not isinstance(registry, Mapping) or not all(
+        isinstance(p, TransportProducer) for p in registry.values()
+    ):
+        registry = merge_registries(registry)
+    return Producer(
+        value["routing"],
+        registry,
+        deferred=value.get("deferred"),
+        loop=asyncio.get_running_loop(),
+    )
+
+
+@producer.check
+def _check_producer(value: Any, ctx: CheckContext) -> Iterator[str]:
+    if not isinstance(value, Mapping):
+        yield "expected a mapping with 'routing' and 'producers'"
+        return
+    for name in ("routing", "producers"):
+        if name not in value:
+            yield f"{name}: missing"
+    if "routing" not in value or "producers" not in value:
+        return
+    known = client_names(ctx, value["producers"])
+    if known is None:
+        return
+    raw_routing = deref_deep(ctx, value["routing"], depth=3)
+    if not isinstance(raw_routing, Mapping):
+        return
+    from duct_messaging.messaging.routing import merge_routing
+
+    merged = merge_routing(raw_routing)
+    for topic, spec in (merged.get("publish") or {}).items():
+        for i, target in enumerate((spec or {}).get("targets") or []):
+            client = target.get("client") or target.get("producer") if isinstance(target, Mapping) else None
+            if client and client not in known:
+                yield (
+                    f"routing publish.{topic}.targets[{i}].client: unknown client "
+                    f"{client!r}; known clients: {', '.join(sorted(known)) or '(none)'}"
+                )
+
+
+def client_names(ctx: CheckContext, producers_ref: Any) -> set[str] | None:
+    """Return every client name the producer registries behind a ref serve.
+
+    Follows `duct.messaging/producers` to each transport registry and on to
+    its clients map. Returns None when the chain cannot be followed (a ref
+    problem reported elsewhere, or a registry swapped for a ready object).
+    """
+    registries = ctx.deref(producers_ref) if isinstance(producers_ref, Ref) else producers_ref
+    if isinstance(registries, Mapping) and "registries" in registries:
+        registries = registries["registries"]
+    if isinstance(registries, Ref | RefSet):
+        registries = [registries]
+    if not isinstance(registries, list):
+        return None
+    names: set[str] = set()
+    for registry_ref in registries:
+        registry = ctx.deref(registry_ref) if isinstance(registry_ref, Ref) else registry_ref
+        if not isinstance(registry, Mapping):
+            return None
+        clients = registry.get("clients")
+        clients = ctx.deref(clients) if isinstance(clients, Ref) else clients
+        if not isinstance(clients, Mapping):
+            return None
+        names.update(clients)
+    return names
+
+
+def subscription_client_problems(
+    value: Mapping[str, Any], ctx: CheckContext, transport: str
+) -> Iterator[str]:
+    """Yield problems of the subscriptions a consumers component will serve.
+
+    Each served subscription must name a client of this transport's
+    `clients` map; a missing one is a config error, never a fallback.
+    """
+    clients = deref_deep(ctx, value.get("clients"), depth=1)
+    raw_routing = deref_deep(ctx, value.get("routing"), depth=3)
+    if not isinstance(clients, Mapping) or not isinstance(raw_routing, Mapping):
+        return
+    from duct_messaging.messaging.routing import merge_routing
+
+    sources = value.get("sources") or [transport]
+    merged = merge_routing(raw_routing)
+    for sub_id, spec in (merged.get("subscriptions") or {}).items():
+        if not isinstance(spec, Mapping) or spec.get("source") not in sources:
+            continue
+        client = spec.get("client") or spec.get("producer")
+        if client and client not in clients:
+            yield (
+                f"routing subscriptions.{sub_id}.client: unknown {transport} client "
+                f"{client!r}; known: {', '.join(sorted(clients)) or '(none)'}"
+            )
+
+
+CONSUMER_SETTINGS = ("batch_size", "drain_timeout_s", "start_timeout_s")
+
+
+def consumer_settings(value: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the runtime settings of a consumers component's value."""
+    settings = {k: value[k] for k in CONSUMER_SETTINGS if k in value}
+    if value.get("deadletter") is not None:
+        settings["sink"] = value["deadletter"]
+    if value.get("sources"):
+        settings["sources"] = tuple(value["sources"])
+    return settings
+
+
+def consumers_problems(value: Any, ctx: CheckContext, transport: str) -> Iterator[str]:
+    """Yield the problems of a `duct.<transport>/consumers` value."""
+    if not isinstance(value, Mapping):
+        yield "expected a mapping with 'clients' and 'routing'"
+        return
+    for name in ("clients", "routing"):
+        if name not in value:
+            yield f"{name}: missing"
+    sources = value.get("sources")
+    if sources is not None and not (
+        isinstance(sources, list) and all(isinstance(s, str) for s in sources)
+    ):
+        yield f"sources: expected a list of source names, got {sources!r}"
+        return
+    yield from subscription_client_problems(value, ctx, transport)

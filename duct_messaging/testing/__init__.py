@@ -1,0 +1,1 @@
+"""Helpers for testing applications and this library against real brokers."""

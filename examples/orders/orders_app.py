@@ -1,0 +1,89 @@
+"""A small order service: publishes orders and shows each subscription's view.
+
+Components (named in config.yaml / config.kafka.yaml):
+- `orders_app/tracker`: records which orders each subscription received.
+- `orders_app/primary_handler`, `orders_app/data_handler`: the handlers.
+- `orders_app/driver`: publishes a batch of orders once the system is up,
+  then stops the service when every subscription has seen every order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from duct_messaging import request_stop
+from duct_messaging.messaging.consumer import MessageContext
+
+
+class Tracker:
+    """Remembers the order ids each subscription has handled."""
+
+    def __init__(self, subscriptions: list[str]) -> None:
+        self.seen: dict[str, list[str]] = {name: [] for name in subscriptions}
+        self._changed = threading.Condition()
+
+    def record(self, subscription: str, order_id: str) -> None:
+        with self._changed:
+            self.seen[subscription].append(order_id)
+            self._changed.notify_all()
+
+    def wait_for(self, order_ids: set[str], timeout: float) -> bool:
+        """Wait until every subscription has seen every id in `order_ids`."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: all(order_ids <= set(ids) for ids in self.seen.values()), timeout
+            )
+
+
+def tracker(value: Mapping[str, Any]) -> Tracker:
+    return Tracker(list(value["subscriptions"]))
+
+
+def _handler(value: Mapping[str, Any]) -> Callable[[dict[str, Any], MessageContext], None]:
+    subscription: str = value["subscription"]
+    seen: Tracker = value["tracker"]
+
+    def on_order(order: dict[str, Any], ctx: MessageContext) -> None:
+        print(
+            f"[{subscription}] order {order['id']} amount {order['amount']:.2f} "
+            f"(client {ctx.client}, {ctx.destination})",
+            flush=True,
+        )
+        seen.record(subscription, order["id"])
+
+    return on_order
+
+
+primary_handler = _handler
+data_handler = _handler
+
+
+async def driver(value: Mapping[str, Any]) -> asyncio.Task[None]:
+    """Publish the orders in the background once everything has started."""
+    return asyncio.get_running_loop().create_task(_drive(value))
+
+
+async def _drive(value: Mapping[str, Any]) -> None:
+    producer = value["producer"]
+    seen: Tracker = value["tracker"]
+    ids = set()
+    for n in range(value["orders"]):
+        order_id = str(uuid.uuid4())
+        ids.add(order_id)
+        receipts = await producer.aproduce(
+            {"id": order_id, "amount": 10.0 + n}, topic="order-created", key=order_id
+        )
+        where = ", ".join(f"{r.client}/{r.destination}" for r in receipts)
+        print(f"published order {order_id} to {where}", flush=True)
+    loop = asyncio.get_running_loop()
+    ok = await loop.run_in_executor(None, seen.wait_for, ids, value["timeout_s"])
+    if ok:
+        counts = ", ".join(f"{name}: {len(got)}" for name, got in seen.seen.items())
+        print(f"all {len(ids)} orders seen by every subscription ({counts})", flush=True)
+        request_stop(0, "all orders handled")
+    else:
+        request_stop(1, "timed out waiting for the orders")
