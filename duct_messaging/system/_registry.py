@@ -196,7 +196,12 @@ def bind(part: str) -> Binding:
         return Binding(target)
     if callable(target):
         return Binding(_function_component(part, target))
-    return _unknown(part, candidates=dir(module), prefix=f"{namespace}/")
+    public = [
+        attr
+        for attr in dir(module)
+        if not attr.startswith("_") and callable(getattr(module, attr))
+    ]
+    return _unknown(part, candidates=public, prefix=f"{namespace}/")
 
 
 def _function_component(key: str, fn: Callable[..., Any]) -> Component:
