@@ -21,7 +21,7 @@ run: $(STAMP)
 ## Run the orders example on two real Kafka-compatible brokers.
 run-kafka: $(STAMP)
 	$(BIN)/python -m duct_messaging.testing.tansu run -n 2 -- \
-	    $(BIN)/duct-messaging run examples/orders/config.yaml --profile kafka
+	    $(BIN)/duct-messaging run examples/orders/config.kafka.yaml
 
 ## Start what the tests need, then run the whole suite.
 test: $(STAMP)

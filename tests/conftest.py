@@ -16,7 +16,7 @@ import pytest
 from duct_messaging.testing.tansu import TansuBroker
 
 # tansu answers a group join after about half the session timeout.
-KAFKA_TEST_SETTINGS: dict[str, Any] = {
+KAFKA_TEST_CONSUMER: dict[str, Any] = {
     "session_timeout_ms": 6000,
     "heartbeat_interval_ms": 500,
 }
@@ -55,4 +55,8 @@ def unique() -> Callable[[str], str]:
 
 def kafka_client(broker: TansuBroker, **extra: Any) -> dict[str, Any]:
     """Return a Kafka client config for `broker` with test-friendly timings."""
-    return {"bootstrap_servers": broker.bootstrap_servers, **KAFKA_TEST_SETTINGS, **extra}
+    return {
+        "bootstrap_servers": broker.bootstrap_servers,
+        "consumer": dict(KAFKA_TEST_CONSUMER),
+        **extra,
+    }

@@ -12,6 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from duct_messaging._logs import configure_logging
+
 # Subcommand modules, in the order `--help` lists them.
 _COMMANDS = ("_run", "_check", "_graph", "_dlq", "_deferred")
 
@@ -21,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="duct-messaging",
         description="Run, check and inspect duct-messaging systems.",
+    )
+    parser.add_argument(
+        "--log-level",
+        help="DEBUG, INFO (default), WARNING or ERROR; also DUCT_LOG_LEVEL",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in _COMMANDS:
@@ -37,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` (default: the process arguments) and run the subcommand."""
     args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
     code: int = args.func(args)
     return code
 

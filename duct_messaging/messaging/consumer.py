@@ -45,7 +45,7 @@ from duct_messaging.messaging.deadletter import (
 )
 from duct_messaging.messaging.retry import RetryPolicy
 from duct_messaging.messaging.routing import Routing, Subscription
-from duct_messaging.messaging.tracing import TraceContext, extract, use_trace
+from duct_messaging.messaging.tracing import TraceContext, bind_trace, extract, unbind_trace
 from duct_messaging.transports.base import ConsumerSource, Delivery
 
 log = structlog.get_logger(__name__)
@@ -252,8 +252,11 @@ class Pipeline:
             attempt += 1
             ctx.attempt = delivery.attempt + attempt - 1
             try:
-                with use_trace(ctx.trace):
+                token = bind_trace(ctx.trace)
+                try:
                     self.handler(*args)
+                finally:
+                    unbind_trace(token)
                 return Outcome(delivery, Status.DONE)
             except Exception as exc:
                 first_failure = first_failure or utcnow()
@@ -280,8 +283,11 @@ class Pipeline:
             attempt += 1
             ctx.attempt = delivery.attempt + attempt - 1
             try:
-                with use_trace(ctx.trace):
+                token = bind_trace(ctx.trace)
+                try:
                     await self.handler(*args)
+                finally:
+                    unbind_trace(token)
                 return Outcome(delivery, Status.DONE)
             except Exception as exc:
                 first_failure = first_failure or utcnow()

@@ -155,18 +155,33 @@ class TraceContext:
             return None
 
         sampled = bool(int(flags, 16) & 0x01)
-        return cls(trace_id, span_id, sampled, _parse_tracestate(tracestate))
+        state = _parse_tracestate(tracestate) if tracestate else None
+        return _trusted(trace_id, span_id, sampled, state)
 
     @classmethod
     def new_root(cls) -> TraceContext:
         """Return a sampled context that starts a new trace."""
-        return cls(_new_trace_id(), _new_span_id())
+        return _trusted(_new_trace_id(), _new_span_id(), True, None)
 
     def child(self) -> TraceContext:
         """Return a context in the same trace with a new span id."""
-        return TraceContext(
-            self.trace_id, _new_span_id(), self.sampled, self.tracestate
-        )
+        return _trusted(self.trace_id, _new_span_id(), self.sampled, self.tracestate)
+
+
+def _trusted(
+    trace_id: str, span_id: str, sampled: bool, tracestate: str | None
+) -> TraceContext:
+    """Build a context from ids already known to be valid.
+
+    Skips `__post_init__` validation: this runs several times per message,
+    and every caller passes ids that were generated or already checked.
+    """
+    ctx = object.__new__(TraceContext)
+    object.__setattr__(ctx, "trace_id", trace_id)
+    object.__setattr__(ctx, "span_id", span_id)
+    object.__setattr__(ctx, "sampled", sampled)
+    object.__setattr__(ctx, "tracestate", tracestate)
+    return ctx
 
 
 def _new_trace_id() -> str:
@@ -230,6 +245,19 @@ def use_trace(ctx: TraceContext | None) -> Iterator[TraceContext | None]:
         yield ctx
     finally:
         _current.reset(token)
+
+
+def bind_trace(ctx: TraceContext | None) -> contextvars.Token[TraceContext | None]:
+    """Bind `ctx` as the current trace; pass the token to `unbind_trace`.
+
+    The cheaper twin of `use_trace` for per-message hot paths.
+    """
+    return _current.set(ctx)
+
+
+def unbind_trace(token: contextvars.Token[TraceContext | None]) -> None:
+    """Restore the trace that was current before `bind_trace` returned `token`."""
+    _current.reset(token)
 
 
 def inject(headers: dict[str, str]) -> TraceContext:

@@ -299,6 +299,7 @@ class KafkaSource:
             self._commit(asynchronous=True)
         messages = self._consumer.consume(max_messages, timeout)
         out = []
+        offsets = self._offsets
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -309,7 +310,9 @@ class KafkaSource:
                 log.warning("kafka_consumer_error", subscription=self.subscription, error=str(err))
                 continue
             partition, offset = msg.partition(), msg.offset()
-            book = self._offsets.setdefault(partition, _PartitionOffsets())
+            book = offsets.get(partition)
+            if book is None:
+                book = offsets[partition] = _PartitionOffsets()
             book.pending.add(offset)
             book.high = max(book.high, offset)
             out.append(
