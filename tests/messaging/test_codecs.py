@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import sys
 import uuid
 from typing import Any
 
@@ -13,7 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from duct_messaging.errors import DuctMessagingError
+from duct_messaging.errors import DuctMessagingError, MissingExtraError
+from duct_messaging.messaging import codecs
 from duct_messaging.messaging.codecs import (
     JSON_CODEC,
     Codec,
@@ -270,3 +272,18 @@ class TestMsgpackSpecifics:
 
         assert info.value.codec == "msgpack"
         assert info.value.reason
+
+
+class TestMissingExtra:
+    def test_msgpack_missing_names_the_extra(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without msgpack installed, building its codec names the extra."""
+        monkeypatch.setitem(sys.modules, "msgpack", None)
+
+        with pytest.raises(
+            MissingExtraError, match=r"duct-messaging\[msgpack\]"
+        ) as info:
+            codecs._MsgpackCodec()
+
+        assert info.value.extra == "msgpack"

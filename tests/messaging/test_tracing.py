@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import re
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from duct_messaging.errors import DuctMessagingError
+from duct_messaging.errors import DuctMessagingError, MissingExtraError
 from duct_messaging.messaging.tracing import (
     SPAN_KINDS,
     InvalidTraceContextError,
@@ -452,3 +453,16 @@ class TestStartSpanOpenTelemetry:
 
         (span,) = otel_spans.get_finished_spans()
         assert span.kind.name == kind.upper()
+
+
+class TestMissingExtra:
+    def test_enable_without_opentelemetry_names_the_extra(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without opentelemetry installed, enabling it names the extra."""
+        monkeypatch.setitem(sys.modules, "opentelemetry", None)
+
+        with pytest.raises(MissingExtraError, match=r"duct-messaging\[otel\]"):
+            enable_opentelemetry()
+
+        assert not opentelemetry_enabled()
