@@ -17,16 +17,8 @@ from duct_messaging.system._errors import (
 from duct_messaging.system._keys import Ref, RefSet, attribute_name
 from duct_messaging.system._plan import Plan, check_config, make_plan
 from duct_messaging.system._registry import Component, component, register_lazy
-from duct_messaging.system._resume import aresume, resume
-from duct_messaging.system._system import (
-    System,
-    ahalt,
-    ainit,
-    asuspend,
-    halt,
-    init,
-    suspend,
-)
+from duct_messaging.system._resume import aresume, asuspend, resume, suspend
+from duct_messaging.system._system import System, ahalt, ainit, halt, init
 from duct_messaging.system._validate import CheckContext
 from duct_messaging.system._yaml import Config, load_config, read_config
 

@@ -1,6 +1,8 @@
-"""Resume a suspended system with a new config, reusing what did not change.
+"""Suspend a system, and resume it with a new config reusing what did not change.
 
-For each key of the new config, in start order:
+`suspend` runs each component's suspend hook in reverse start order; a
+component without one is halted. `resume` then walks the keys of the new
+config in start order:
 
 - a kept component (its suspend hook ran) of the same type with a resume
   hook: the hook builds the new state from the new value and the old one;
@@ -39,6 +41,7 @@ from duct_messaging.system._system import (
     _elapsed_ms,
     _Entry,
     _halt_steps,
+    _raise_failures,
     _start_steps,
 )
 
@@ -74,6 +77,49 @@ def _warn(failures: Failures) -> None:
             error=repr(exc),
             next="resume goes on; release this resource by hand",
         )
+
+
+def _suspend_steps(system: System) -> Steps[Failures]:
+    failures: Failures = []
+    for key in reversed(system._entries):
+        entry = system._entries[key]
+        component = entry.component
+        if component is None:
+            continue
+        hook = component.suspend_fn
+        if hook is None:
+            entry.kept = False
+            hook = component.halt_fn
+        if hook is None:
+            continue
+        try:
+            yield _Call(hook, (entry.state,))
+        except Exception as exc:
+            failures.append((key, exc))
+    system._status = "suspended"
+    return failures
+
+
+def suspend(system: System) -> None:
+    """Suspend a running system so that `resume` can reuse its components.
+
+    Each component's suspend hook runs in reverse start order; components
+    without one are halted. Suspending twice does nothing.
+
+    Raises:
+        HaltError: carrying every hook that failed; the rest is suspended.
+    """
+    if system._status != "running":
+        return
+    _check_sync_halt(system)
+    _raise_failures(_drive(system, _suspend_steps(system)), "suspend")
+
+
+async def asuspend(system: System) -> None:
+    """Suspend a system like `suspend`, awaiting async hooks in this loop."""
+    if system._status != "running":
+        return
+    _raise_failures(await _adrive(system, _suspend_steps(system)), "suspend")
 
 
 def _resume_key(

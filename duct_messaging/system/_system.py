@@ -334,14 +334,80 @@ async def ainit(
     config: Mapping[str, Any],
     keys: Iterable[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    *,
+    concurrent: bool = False,
 ) -> System:
     """Start a system like `init`, awaiting async init functions in this loop.
 
-    Components start one at a time in dependency order. Halt it with
-    `ahalt` from the same loop.
+    By default components start one at a time in dependency order. With
+    `concurrent=True` they start in waves: every key whose dependencies
+    are all up starts at once, and the next wave waits for the whole
+    wave. If any key of a wave fails, the others of that wave still
+    finish, then everything started is halted in reverse and `InitError`
+    names the first failed key (config order). Halt with `ahalt` from the
+    same loop.
     """
     system = System(make_plan(config, keys, overrides), asyncio.get_running_loop())
-    return await _adrive(system, _init_steps(system))
+    if not concurrent:
+        return await _adrive(system, _init_steps(system))
+    return await _init_in_waves(system)
+
+
+def _waves(plan: Plan) -> list[list[str]]:
+    level: dict[str, int] = {}
+    for key in plan.order:
+        deps = [level[dep] for dep in plan.graph.deps.get(key, ()) if dep in level]
+        level[key] = 1 + max(deps, default=-1)
+    waves: list[list[str]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
+    for key in plan.order:
+        waves[level[key]].append(key)
+    return waves
+
+
+async def _astart(system: System, key: str) -> _Entry:
+    plan = system._plan
+    value = system._resolve(plan.config[key], key)
+    steps = _start_steps(system, key, value, plan.components[key])
+    return await _adrive(system, steps)
+
+
+async def _init_in_waves(system: System) -> System:
+    started = time.perf_counter()
+    for wave in _waves(system._plan):
+        tasks = [asyncio.ensure_future(_astart(system, key)) for key in wave]
+        interrupted: BaseException | None = None
+        try:
+            await asyncio.wait(tasks)
+        except BaseException as exc:
+            # Cancelled from outside: stop the wave, but keep what started
+            # so that it is halted below.
+            interrupted = exc
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+        failed: list[tuple[str, BaseException]] = []
+        for key, task in zip(wave, tasks, strict=True):
+            if task.cancelled():
+                failed.append((key, asyncio.CancelledError()))
+            elif (error := task.exception()) is not None:
+                failed.append((key, error))
+            else:
+                system._entries[key] = task.result()
+        if interrupted is not None:
+            await _rollback_and_raise(system, wave[0], interrupted)
+        if failed:
+            await _rollback_and_raise(system, *failed[0])
+    count = len(system._entries)
+    log.info("system_started", components=count, ms=_elapsed_ms(started))
+    return system
+
+
+async def _rollback_and_raise(system: System, key: str, exc: BaseException) -> None:
+    done = list(system._entries)
+    failures = await _adrive(system, _halt_steps(system, reversed(done)))
+    if isinstance(exc, Exception):
+        raise InitError(key, exc, done, failures) from exc
+    raise exc
 
 
 def _check_sync_halt(system: System) -> None:
@@ -407,46 +473,3 @@ async def ahalt(system: System, keys: Iterable[str] | None = None) -> None:
 def _raise_failures(failures: Failures, action: str) -> None:
     if failures:
         raise HaltError(failures, action) from failures[0][1]
-
-
-def _suspend_steps(system: System) -> Steps[Failures]:
-    failures: Failures = []
-    for key in reversed(system._entries):
-        entry = system._entries[key]
-        component = entry.component
-        if component is None:
-            continue
-        hook = component.suspend_fn
-        if hook is None:
-            entry.kept = False
-            hook = component.halt_fn
-        if hook is None:
-            continue
-        try:
-            yield _Call(hook, (entry.state,))
-        except Exception as exc:
-            failures.append((key, exc))
-    system._status = "suspended"
-    return failures
-
-
-def suspend(system: System) -> None:
-    """Suspend a running system so that `resume` can reuse its components.
-
-    Each component's suspend hook runs in reverse start order; components
-    without one are halted. Suspending twice does nothing.
-
-    Raises:
-        HaltError: carrying every hook that failed; the rest is suspended.
-    """
-    if system._status != "running":
-        return
-    _check_sync_halt(system)
-    _raise_failures(_drive(system, _suspend_steps(system)), "suspend")
-
-
-async def asuspend(system: System) -> None:
-    """Suspend a system like `suspend`, awaiting async hooks in this loop."""
-    if system._status != "running":
-        return
-    _raise_failures(await _adrive(system, _suspend_steps(system)), "suspend")

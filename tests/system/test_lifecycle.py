@@ -419,3 +419,80 @@ class TestEvents:
             ("system_halted", None),
         ]
         assert all(isinstance(entry["ms"], float) for entry in logs)
+
+
+class TestConcurrentAinit:
+    async def test_independent_components_start_together(self) -> None:
+        """Two components that each wait for the other can only start concurrently."""
+        ready = {"a": asyncio.Event(), "b": asyncio.Event()}
+        order: list[str] = []
+
+        @component("lc.t/peer")
+        async def peer(value: Any, key: str) -> str:
+            name = key.split()[-1]
+            ready[name].set()
+            await asyncio.wait_for(ready[value["other"]].wait(), timeout=5)
+            order.append(name)
+            return name
+
+        @component("lc.t/after")
+        def after(value: Any) -> Any:
+            order.append("after")
+            return value
+
+        config = {
+            "lc.t/peer a": {"other": "b"},
+            "lc.t/peer b": {"other": "a"},
+            "lc.t/after": {"a": Ref("a"), "b": Ref("b")},
+        }
+
+        system = await ainit(config, concurrent=True)
+
+        assert sorted(order[:2]) == ["a", "b"]
+        assert order[2] == "after"
+        assert system.started_keys == ("lc.t/peer a", "lc.t/peer b", "lc.t/after")
+        assert system["lc.t/after"] == {"a": "a", "b": "b"}
+        await ahalt(system)
+
+    async def test_a_failure_in_a_wave_halts_everything_started(
+        self, rec: Recorder
+    ) -> None:
+        """Siblings of a failed key finish, then all started keys are halted."""
+        a = rec.add("a", is_async=True)
+        bad = rec.add("bad", fail_init=True, is_async=True)
+        c = rec.add("c", is_async=True)
+        later = rec.add("later")
+
+        with pytest.raises(InitError) as caught:
+            await ainit({a: {}, bad: {}, c: {}, later: {"a": Ref(a)}}, concurrent=True)
+
+        assert caught.value.key == bad
+        assert caught.value.started == (a, c)
+        assert sorted(call for call in rec.calls if call[0] == "init") == [
+            ("init", "a"),
+            ("init", "bad"),
+            ("init", "c"),
+        ]
+        assert rec.calls[-2:] == [("halt", "c"), ("halt", "a")]
+
+    async def test_cancelling_a_concurrent_ainit_halts_what_started(
+        self, rec: Recorder
+    ) -> None:
+        """Cancelling ainit mid-wave halts the started keys and re-raises."""
+        a = rec.add("a")
+        blocked = asyncio.Event()
+
+        @component("lc.t/slow")
+        async def slow(value: Any) -> None:
+            blocked.set()
+            await asyncio.Event().wait()
+
+        task = asyncio.ensure_future(
+            ainit({a: {}, "lc.t/slow": {"a": Ref(a)}}, concurrent=True)
+        )
+        await asyncio.wait_for(blocked.wait(), timeout=5)
+        task.cancel()
+
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert rec.calls == [("init", "a"), ("halt", "a")]
