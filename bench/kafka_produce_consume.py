@@ -114,13 +114,23 @@ def duct_config(bootstrap: str, topic: str, handler: Any) -> dict[str, Any]:
     }
 
 
-def duct_produce(bootstrap: str, topic: str, count: int, window: int) -> float:
+def duct_produce(
+    bootstrap: str, topic: str, count: int, window: int, *, batch: bool = False
+) -> float:
     system = init(duct_config(bootstrap, topic, None))
     producer = system["duct.messaging/producer"]
 
     async def run() -> float:
         started = time.perf_counter()
         for start in range(0, count, window):
+            if batch:
+                stop = min(start + window, count)
+                await producer.aproduce_many(
+                    [BODY] * (stop - start),
+                    topic="bench",
+                    keys=[str(i) for i in range(start, stop)],
+                )
+                continue
             await asyncio.gather(
                 *(
                     producer.aproduce(BODY, topic="bench", key=str(i))
@@ -167,16 +177,20 @@ def main() -> None:
     with TansuBroker() as broker:
         bootstrap = broker.bootstrap_servers
         raw_topic, duct_topic = f"raw-{uuid.uuid4().hex[:6]}", f"duct-{uuid.uuid4().hex[:6]}"
+        raw = raw_produce(bootstrap, raw_topic, n)
         rows = [
-            ("produce", raw_produce(bootstrap, raw_topic, n),
-             duct_produce(bootstrap, duct_topic, n, args.window)),
-            ("consume", raw_consume(bootstrap, raw_topic, n),
-             duct_consume(bootstrap, duct_topic, n)),
+            ("produce (aproduce)", raw, duct_produce(bootstrap, duct_topic, n, args.window)),
+            (
+                "produce (aproduce_many)",
+                raw,
+                duct_produce(bootstrap, duct_topic, n, args.window, batch=True),
+            ),
+            ("consume", raw_consume(bootstrap, raw_topic, n), duct_consume(bootstrap, duct_topic, 2 * n)),
         ]
     print(f"Kafka (tansu on {bootstrap}), {n} messages of {len(json.dumps(BODY))} bytes")
-    print(f"{'':10}{'raw msg/s':>14}{'duct msg/s':>14}{'duct/raw':>10}")
-    for name, raw, duct in rows:
-        print(f"{name:10}{raw:14,.0f}{duct:14,.0f}{duct / raw:10.2f}")
+    print(f"{'':24}{'raw msg/s':>12}{'duct msg/s':>12}{'duct/raw':>10}")
+    for name, raw_rate, duct_rate in rows:
+        print(f"{name:24}{raw_rate:12,.0f}{duct_rate:12,.0f}{duct_rate / raw_rate:10.2f}")
 
 
 if __name__ == "__main__":

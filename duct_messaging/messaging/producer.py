@@ -111,6 +111,37 @@ async def send_to_targets(
     return receipts
 
 
+async def send_many_to_targets(
+    producers: Mapping[str, TransportProducer],
+    messages: Sequence[OutgoingMessage],
+    targets: Sequence[Target],
+) -> list[list[Receipt]]:
+    """Send every message to each target in turn; return receipts per target.
+
+    A transport producer with a `send_many` method gets the whole batch in
+    one call; others get concurrent `send` calls.
+    """
+    for target in targets:
+        if target.client not in producers:
+            raise UnknownClientError(target.client, list(producers))
+    done: list[list[Receipt]] = []
+    for target in targets:
+        producer = producers[target.client]
+        try:
+            send_many = getattr(producer, "send_many", None)
+            if send_many is not None:
+                receipts = list(await send_many(target, messages))
+            else:
+                receipts = list(
+                    await asyncio.gather(*(producer.send(target, m) for m in messages))
+                )
+        except Exception as exc:
+            sent = [r for batch in done for r in batch[:1]]
+            raise PublishError(messages[0].topic, target, sent, exc) from exc
+        done.append(receipts)
+    return done
+
+
 class Producer:
     """Publishes messages by topic to the targets the routing lists.
 
@@ -181,6 +212,37 @@ class Producer:
             if due is not None:
                 return await self._defer(outgoing, resolved, due)
         return await send_to_targets(self.producers, outgoing, resolved)
+
+    async def aproduce_many(
+        self,
+        messages: Sequence[Any],
+        *,
+        topic: str,
+        keys: Sequence[str | bytes | None] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> list[list[Receipt]]:
+        """Publish a batch of messages to `topic`'s targets, target by target.
+
+        Every message is checked and encoded before anything is sent. Then
+        the whole batch goes to the first target, and only when the broker
+        accepted all of it, to the next one. Returns, per message, one
+        receipt per target. Raises `PublishError` like `aproduce`; its
+        `sent` then holds the receipts of the targets that took the whole
+        batch. Deferred delivery is not offered here: use `aproduce`.
+        """
+        if keys is not None and len(keys) != len(messages):
+            raise ValueError(f"got {len(keys)} keys for {len(messages)} messages")
+        targets = self.routing.targets(topic)
+        validator = self._validators.get(topic)
+        if validator is not None:
+            for message in messages:
+                validator.validate(message)
+        encoded = [
+            self._encode(m, topic, keys[i] if keys else None, headers)
+            for i, m in enumerate(messages)
+        ]
+        per_target = await send_many_to_targets(self.producers, encoded, targets)
+        return [list(receipts) for receipts in zip(*per_target, strict=True)]
 
     async def send_encoded(
         self, message: OutgoingMessage, targets: Sequence[Target] | None = None

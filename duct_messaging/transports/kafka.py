@@ -154,7 +154,7 @@ class KafkaProducer:
         self._kafka_client = client
         self._loop = loop
         self._producer = Producer(client.producer_config())
-        self._reports: list[tuple[asyncio.Future[Receipt], Any, Any]] = []
+        self._reports: list[tuple[Any, Any, Any]] = []
         self._stopping = threading.Event()
         self._thread = threading.Thread(
             target=self._poll_loop, name=f"duct-kafka-producer-{client.name}", daemon=True
@@ -167,27 +167,52 @@ class KafkaProducer:
 
     async def send(self, target: Target, message: OutgoingMessage) -> Receipt:
         """Produce `message` and return once the broker acknowledged it."""
-        future: asyncio.Future[Receipt] = self._loop.create_future()
-        topic = self.destination(target, message.topic)
-        partition = target.option("partition")
-        kwargs: dict[str, Any] = {}
-        if partition is not None:
-            kwargs["partition"] = int(partition)
-        while True:
-            try:
-                self._producer.produce(
-                    topic,
-                    value=message.body,
-                    key=message.key,
-                    headers=list(message.headers.items()),
-                    on_delivery=lambda err, msg, f=future: self._reports.append((f, err, msg)),
-                    **kwargs,
-                )
-                break
-            except BufferError:
-                # The local queue is full: let the poll thread drain it.
+        return await self._enqueue(target, message)
+
+    async def send_many(
+        self, target: Target, messages: Sequence[OutgoingMessage]
+    ) -> list[Receipt]:
+        """Produce every message, then wait for all their delivery reports.
+
+        One future covers the whole batch; it fails with the first delivery
+        error once every report is in.
+        """
+        batch = _BatchReports(self._loop.create_future(), len(messages))
+        if not messages:
+            return []
+        for index, message in enumerate(messages):
+            while not self._try_produce(target, message, (batch, index)):
                 await asyncio.sleep(0.005)
+        return await batch.future
+
+    def _enqueue(self, target: Target, message: OutgoingMessage) -> Any:
+        future: asyncio.Future[Receipt] = self._loop.create_future()
+        if self._try_produce(target, message, future):
+            return future
+        return self._enqueue_later(target, message, future)
+
+    async def _enqueue_later(
+        self, target: Target, message: OutgoingMessage, future: asyncio.Future[Receipt]
+    ) -> Receipt:
+        # The local queue is full: give the poll thread time to drain it.
+        while not self._try_produce(target, message, future):
+            await asyncio.sleep(0.005)
         return await future
+
+    def _try_produce(self, target: Target, message: OutgoingMessage, future: Any) -> bool:
+        partition = target.options.get("partition")
+        try:
+            self._producer.produce(
+                target.options.get("kafka_topic") or message.topic,
+                message.body,
+                message.key,
+                on_delivery=lambda err, msg: self._reports.append((future, err, msg)),
+                headers=list(message.headers.items()),
+                **({} if partition is None else {"partition": int(partition)}),
+            )
+        except BufferError:
+            return False
+        return True
 
     def flush(self, timeout: float = 10.0) -> int:
         """Wait for outstanding messages; return how many are still queued."""
@@ -218,16 +243,48 @@ class KafkaProducer:
         except RuntimeError:  # loop closed: nobody is waiting any more
             pass
 
-    def _resolve(self, reports: list[tuple[asyncio.Future[Receipt], Any, Any]]) -> None:
-        for future, err, msg in reports:
-            if future.done():
+    def _resolve(self, reports: list[tuple[Any, Any, Any]]) -> None:
+        for sink, err, msg in reports:
+            if isinstance(sink, tuple):
+                batch, index = sink
+                batch.record(index, self._receipt(err, msg))
                 continue
-            if err is not None:
-                future.set_exception(KafkaTransportError(f"delivery failed: {err}"))
+            if sink.done():
+                continue
+            receipt = self._receipt(err, msg)
+            if isinstance(receipt, Exception):
+                sink.set_exception(receipt)
             else:
-                future.set_result(
-                    Receipt(self.client, TRANSPORT, msg.topic(), msg.partition(), msg.offset())
-                )
+                sink.set_result(receipt)
+
+    def _receipt(self, err: Any, msg: Any) -> Receipt | Exception:
+        if err is not None:
+            return KafkaTransportError(f"delivery failed: {err}")
+        return Receipt(self.client, TRANSPORT, msg.topic(), msg.partition(), msg.offset())
+
+
+class _BatchReports:
+    """Collects the delivery reports of one `send_many` call into one future."""
+
+    __slots__ = ("error", "future", "receipts", "remaining")
+
+    def __init__(self, future: asyncio.Future[list[Receipt]], size: int) -> None:
+        self.future = future
+        self.receipts: list[Receipt | None] = [None] * size
+        self.remaining = size
+        self.error: Exception | None = None
+
+    def record(self, index: int, outcome: Receipt | Exception) -> None:
+        if isinstance(outcome, Exception):
+            self.error = self.error or outcome
+        else:
+            self.receipts[index] = outcome
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():
+            if self.error is not None:
+                self.future.set_exception(self.error)
+            else:
+                self.future.set_result(self.receipts)  # type: ignore[arg-type]
 
 
 @dataclass(slots=True)

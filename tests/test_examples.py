@@ -1,0 +1,60 @@
+"""The orders example runs end to end, on the embedded default and on Kafka."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from duct_messaging.testing.tansu import TansuBroker
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDERS = ROOT / "examples" / "orders"
+
+
+def run_orders(config: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "duct_messaging.cli", "run", str(ORDERS / config)],
+        env={**os.environ, "ORDERS_COUNT": "4", **env},
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+
+
+def assert_each_order_seen_once_per_subscription(stdout: str) -> None:
+    published = re.findall(r"published order (\S+) to", stdout)
+    worker = re.findall(r"\[orders-worker\] order (\S+) .*client kafka-primary", stdout)
+    data = re.findall(r"\[orders-data-worker\] order (\S+) .*client kafka-data", stdout)
+    assert len(published) == 4
+    assert sorted(worker) == sorted(published)
+    assert sorted(data) == sorted(published)
+
+
+def test_orders_example_on_the_embedded_default() -> None:
+    """`make run`'s job: every order reaches both subscriptions and the run exits 0."""
+    result = run_orders("config.yaml", {})
+
+    assert result.returncode == 0, result.stderr
+    assert_each_order_seen_once_per_subscription(result.stdout)
+
+
+@pytest.mark.kafka
+def test_orders_example_on_two_kafka_clusters(tmp_path: Path) -> None:
+    """`make run-kafka`'s job: each subscription reads its own real cluster."""
+    with TansuBroker() as primary, TansuBroker() as data:
+        result = run_orders(
+            "config.kafka.yaml",
+            {
+                "KAFKA_BOOTSTRAP_1": primary.bootstrap_servers,
+                "KAFKA_BOOTSTRAP_2": data.bootstrap_servers,
+            },
+        )
+
+    assert result.returncode == 0, result.stderr
+    assert_each_order_seen_once_per_subscription(result.stdout)
