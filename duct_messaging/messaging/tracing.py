@@ -36,6 +36,7 @@ __all__ = [
     "TraceContext",
     "TracingError",
     "UnknownSpanKindError",
+    "bind_trace",
     "current_trace",
     "disable_opentelemetry",
     "enable_opentelemetry",
@@ -43,6 +44,7 @@ __all__ = [
     "inject",
     "opentelemetry_enabled",
     "start_span",
+    "unbind_trace",
     "use_trace",
 ]
 

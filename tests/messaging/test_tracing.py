@@ -20,6 +20,7 @@ from duct_messaging.messaging.tracing import (
     InvalidTraceContextError,
     TraceContext,
     UnknownSpanKindError,
+    bind_trace,
     current_trace,
     disable_opentelemetry,
     enable_opentelemetry,
@@ -27,6 +28,7 @@ from duct_messaging.messaging.tracing import (
     inject,
     opentelemetry_enabled,
     start_span,
+    unbind_trace,
     use_trace,
 )
 
@@ -207,6 +209,16 @@ class TestCurrentTrace:
                 assert current_trace() is inner
             assert current_trace() is outer
         assert current_trace() is None
+
+    def test_bind_and_unbind_trace(self) -> None:
+        """bind_trace binds until unbind_trace restores the previous trace."""
+        outer, inner = TraceContext.new_root(), TraceContext.new_root()
+
+        with use_trace(outer):
+            token = bind_trace(inner)
+            assert current_trace() is inner
+            unbind_trace(token)
+            assert current_trace() is outer
 
     def test_use_trace_none_clears(self) -> None:
         """Binding None hides the outer trace inside the block."""
