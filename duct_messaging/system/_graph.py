@@ -144,22 +144,34 @@ def _closure(keys: Iterable[str], edges: Mapping[str, Sequence[str]]) -> set[str
 
 
 class KeyIndex:
-    """Find the keys of a config that are or derive from a name."""
+    """Find the keys of a config that are or derive from a name.
+
+    Keeps an inverted index name -> keys, so a lookup costs the size of
+    its answer rather than the size of the config.
+    """
 
     def __init__(
         self, keys: Sequence[str], ancestors: Callable[[str], Iterable[str]]
     ) -> None:
         self.keys = list(keys)
-        self._exact = set(self.keys)
-        self._closures = {key: derived_closure(key, ancestors) for key in self.keys}
+        self._position = {key: index for index, key in enumerate(self.keys)}
+        self._by_name: dict[str, set[str]] = {}
+        for key in self.keys:
+            for name in derived_closure(key, ancestors):
+                self._by_name.setdefault(name, set()).add(key)
 
     def find(self, target: str) -> list[str]:
         """Return matching keys in config order; an exact key wins."""
         target = normalize_key(target)
-        if target in self._exact:
+        if target in self._position:
             return [target]
-        wanted = set(key_parts(target))
-        return [key for key in self.keys if wanted <= self._closures[key]]
+        parts = key_parts(target)
+        if not parts:
+            return []
+        found = set(self._by_name.get(parts[0], ()))
+        for part in parts[1:]:
+            found &= self._by_name.get(part, set())
+        return sorted(found, key=self._position.__getitem__)
 
 
 def build_graph(

@@ -201,7 +201,12 @@ def bind(part: str) -> Binding:
         for attr in dir(module)
         if not attr.startswith("_") and callable(getattr(module, attr))
     ]
-    return _unknown(part, candidates=public, prefix=f"{namespace}/")
+    reason = (
+        f"module {namespace!r} imports but has no callable {name!r}; a key "
+        "naming an importable module must name a callable in it (plain data "
+        "needs a namespace that is not a module)"
+    )
+    return _unknown(part, candidates=public, prefix=f"{namespace}/", reason=reason)
 
 
 def _function_component(key: str, fn: Callable[..., Any]) -> Component:
@@ -215,11 +220,13 @@ def _unknown(
     part: str,
     candidates: Iterable[str] = (),
     prefix: str = "",
+    reason: str = "",
 ) -> Binding:
     names = [*_components, *_lazy, *(prefix + name for name in candidates)]
     close = difflib.get_close_matches(part, names, n=3, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return Binding(problem=f"unknown component key {part!r}.{hint}")
+    detail = f": {reason}" if reason else ""
+    return Binding(problem=f"unknown component key {part!r}{detail}.{hint}")
 
 
 def ancestors(part: str) -> set[str]:

@@ -111,8 +111,11 @@ class TestKeyResolution:
         problems = check_config({key: {}})
 
         assert problems == [
-            f"{key}: unknown component key {key!r}. "
-            f"Did you mean: {module.__name__}/build_client?"
+            f"{key}: unknown component key {key!r}: module {module.__name__!r} "
+            "imports but has no callable 'build_clint'; a key naming an "
+            "importable module must name a callable in it (plain data needs a "
+            f"namespace that is not a module). Did you mean: "
+            f"{module.__name__}/build_client?"
         ]
 
     def test_unimportable_namespace_is_plain_data(self) -> None:
