@@ -174,6 +174,16 @@ class System(Mapping[str, Any]):
         if self._thread is None and self._loop is None:
             self._thread = LoopThread()
         if self._thread is not None:
+            if self._thread.in_loop_thread():
+                # Blocking the loop on work scheduled on that same loop would
+                # hang forever (test_sync_call_from_the_system_loop_is_refused).
+                if inspect.iscoroutine(result):
+                    result.close()
+                raise SystemStateError(
+                    "block on an async hook from the system's own loop",
+                    "running it",
+                    "Call the async twin (ahalt, asuspend, aresume) there.",
+                )
             return self._thread.run(result)
         return self._block_on_foreign_loop(result)
 

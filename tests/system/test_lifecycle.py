@@ -496,3 +496,48 @@ class TestConcurrentAinit:
         with pytest.raises(asyncio.CancelledError):
             await task
         assert rec.calls == [("init", "a"), ("halt", "a")]
+
+
+class TestInterruptions:
+    def test_keyboard_interrupt_during_init_halts_and_propagates(
+        self, rec: Recorder
+    ) -> None:
+        """A BaseException from init halts what started and is re-raised as is."""
+        a = rec.add("a")
+
+        @component("lc.t/interrupt")
+        def interrupt(value: Any) -> None:
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            init({a: {}, "lc.t/interrupt": {"a": Ref(a)}})
+
+        assert rec.calls == [("init", "a"), ("halt", "a")]
+
+    def test_sync_call_from_the_system_loop_is_refused(self) -> None:
+        """A sync halt run on the system's own loop fails instead of hanging."""
+        outcome: dict[str, Any] = {}
+
+        @component("lc.t/selfie")
+        async def selfie(value: Any) -> str:
+            return "up"
+
+        @selfie.halt
+        async def _down(state: str) -> None:
+            return None
+
+        system = init({"lc.t/selfie": {}})
+        loop = system.loop
+        assert loop is not None
+
+        async def halt_from_inside() -> None:
+            try:
+                halt(system, keys=["lc.t/selfie"])
+            except HaltError as exc:
+                outcome["error"] = exc
+
+        asyncio.run_coroutine_threadsafe(halt_from_inside(), loop).result(timeout=5)
+
+        error = outcome["error"]
+        assert isinstance(error.failures[0][1], SystemStateError)
+        halt(system)
