@@ -65,7 +65,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 def _install_signal_handlers() -> dict[int, Any]:
     if threading.current_thread() is not threading.main_thread():
         return {}
-    previous = {}
+    previous: dict[int, Any] = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, _on_signal)
     return previous

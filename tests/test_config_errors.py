@@ -1,4 +1,4 @@
-"""Every config mistake of a messaging system is reported at once, before anything starts."""
+"""Every mistake in a messaging config is reported at once, before any start."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ app.c/three: {dep: !ref app.missing/key}
 def test_all_mistakes_are_reported_together_and_nothing_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Missing ref, cycle, unknown key, bad env value and routing errors come in one ConfigError."""
+    """Ref, cycle, key, env and routing mistakes come in one ConfigError."""
     monkeypatch.setenv("DUCT_TEST_PORT", "eighty")
     path = tmp_path / "system.yaml"
     path.write_text(BAD_CONFIG)

@@ -16,7 +16,7 @@ def _merge_maps(
         if value is None:
             base.pop(key, None)
         elif key in base:
-            base[key] = merger.value_strategy(path + [key], base[key], value)
+            base[key] = merger.value_strategy([*path, key], base[key], value)
         else:
             base[key] = _strip_nulls(value)
     return base

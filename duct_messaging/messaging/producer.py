@@ -19,12 +19,12 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from duct_messaging.messaging.schemas import Validator
 
 from duct_messaging.errors import DuctMessagingError
 from duct_messaging.messaging import envelope
 from duct_messaging.messaging.codecs import Codec, get_codec
 from duct_messaging.messaging.routing import Routing
+from duct_messaging.messaging.schemas import Validator
 from duct_messaging.messaging.tracing import inject
 from duct_messaging.transports.base import (
     OutgoingMessage,
@@ -207,7 +207,11 @@ class Producer:
             validator.validate(message)
         outgoing = self._encode(message, topic, key, headers)
 
-        if deliver_at_time is not None or deliver_at_ms is not None or delay_ms is not None:
+        if (
+            deliver_at_time is not None
+            or deliver_at_ms is not None
+            or delay_ms is not None
+        ):
             due = _resolve_due(deliver_at_time, deliver_at_ms, delay_ms)
             if due is not None:
                 return await self._defer(outgoing, resolved, due)
@@ -248,7 +252,11 @@ class Producer:
         self, message: OutgoingMessage, targets: Sequence[Target] | None = None
     ) -> list[Receipt]:
         """Send an already encoded message (replay, deferred delivery)."""
-        resolved = tuple(targets) if targets is not None else self.routing.targets(message.topic)
+        resolved = (
+            tuple(targets)
+            if targets is not None
+            else self.routing.targets(message.topic)
+        )
         return await send_to_targets(self.producers, message, resolved)
 
     def _targets(
@@ -261,7 +269,9 @@ class Producer:
             if isinstance(target, Target):
                 out.append(target)
             else:
-                options = {k: v for k, v in target.items() if k not in ("client", "producer")}
+                options = {
+                    k: v for k, v in target.items() if k not in ("client", "producer")
+                }
                 out.append(Target(target.get("client") or target["producer"], options))
         return tuple(out)
 
@@ -316,7 +326,8 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 
 def merge_registries(
-    registries: Sequence[Mapping[str, TransportProducer]] | Mapping[str, TransportProducer],
+    registries: Sequence[Mapping[str, TransportProducer]]
+    | Mapping[str, TransportProducer],
 ) -> dict[str, TransportProducer]:
     """Return one client -> producer mapping from several transport registries.
 
@@ -329,7 +340,9 @@ def merge_registries(
     for registry in registries:
         for client, producer in registry.items():
             if client in merged:
-                raise DuplicateClientError(client, merged[client].transport, producer.transport)
+                raise DuplicateClientError(
+                    client, merged[client].transport, producer.transport
+                )
             merged[client] = producer
     return merged
 
@@ -343,4 +356,3 @@ class DuplicateClientError(DuctMessagingError, ValueError):
             f"Client name {client!r} is served by both {first!r} and {second!r}. "
             "Give each cluster a distinct client name."
         )
-

@@ -15,14 +15,18 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import structlog
-from duct_messaging.messaging.schemas import Validator, compile_schema
 
-from duct_messaging.errors import DuctMessagingError
+from duct_messaging.errors import DuctMessagingError, MissingExtraError
 from duct_messaging.messaging._imports import import_object, looks_like_import_path
 from duct_messaging.messaging._merge import deep_merge
+from duct_messaging.messaging.schemas import (
+    SchemaConfigError,
+    Validator,
+    compile_schema,
+)
 from duct_messaging.transports.base import Target
 
 log = structlog.get_logger(__name__)
@@ -51,7 +55,9 @@ class RoutingError(DuctMessagingError, ValueError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         text = "\n  - ".join(self.problems)
-        super().__init__(f"Invalid routing ({len(self.problems)} problems):\n  - {text}")
+        super().__init__(
+            f"Invalid routing ({len(self.problems)} problems):\n  - {text}"
+        )
 
 
 class UnknownTopicError(DuctMessagingError, KeyError):
@@ -179,7 +185,8 @@ def routing_problems(value: Mapping[str, Any]) -> Iterator[str]:
     routing = merge_routing(value)
     extra = set(routing) - set(ROUTING_SECTIONS)
     for name in sorted(extra):
-        yield f"{name}: unknown routing section; expected one of {', '.join(ROUTING_SECTIONS)}"
+        expected = ", ".join(ROUTING_SECTIONS)
+        yield f"{name}: unknown routing section; expected one of {expected}"
     sections: dict[str, Mapping[str, Any]] = {}
     for name in ROUTING_SECTIONS:
         section = routing.get(name) or {}
@@ -207,6 +214,31 @@ def routing_problems(value: Mapping[str, Any]) -> Iterator[str]:
     for sub_id, spec in sections["subscriptions"].items():
         yield from _subscription_problems(sub_id, spec, topics, handlers)
 
+    yield from _schema_problems(topics, sections["subscriptions"])
+
+
+def _schema_problems(
+    topics: Mapping[str, Any], subscriptions: Mapping[str, Any]
+) -> Iterator[str]:
+    """Compile every schema once, so a malformed one is found before start."""
+    specs = []
+    for name, spec in topics.items():
+        schema = spec.get("schema") if isinstance(spec, Mapping) else None
+        if isinstance(schema, Mapping) and schema.get("canonical") is not None:
+            specs.append((f"topics.{name}.schema.canonical", schema["canonical"]))
+    for sub_id, spec in subscriptions.items():
+        if isinstance(spec, Mapping) and spec.get("schema") is not None:
+            specs.append((f"subscriptions.{sub_id}.schema", spec["schema"]))
+    for path, schema in specs:
+        if type(schema).__name__ in ("Ref", "RefSet"):
+            continue
+        try:
+            compile_schema(schema, path=path)
+        except SchemaConfigError as exc:
+            yield str(exc)
+        except MissingExtraError as exc:
+            yield f"{path}: {exc}"
+
 
 def _subscription_problems(
     sub_id: str, spec: Any, topics: Mapping[str, Any], handlers: Mapping[str, Any]
@@ -216,7 +248,8 @@ def _subscription_problems(
         yield f"{path}: expected a mapping"
         return
     for name in sorted(set(spec) - SUBSCRIPTION_FIELDS):
-        yield f"{path}.{name}: unknown field; expected one of {', '.join(sorted(SUBSCRIPTION_FIELDS))}"
+        expected = ", ".join(sorted(SUBSCRIPTION_FIELDS))
+        yield f"{path}.{name}: unknown field; expected one of {expected}"
     topic = spec.get("topic")
     if not topic:
         yield f"{path}.topic: missing"
@@ -227,7 +260,11 @@ def _subscription_problems(
     if not (spec.get("client") or spec.get("producer")):
         yield f"{path}.client: missing (the cluster to consume from)"
     concurrency = spec.get("concurrency", 1)
-    if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+    if (
+        not isinstance(concurrency, int)
+        or isinstance(concurrency, bool)
+        or concurrency < 1
+    ):
         yield f"{path}.concurrency: expected a positive integer, got {concurrency!r}"
     handler = spec.get("handler")
     if handler is None:
@@ -264,7 +301,7 @@ def resolve_handler(handler: Any, handlers: Mapping[str, Any]) -> Handler:
     unresolved `!ref` (config checking) counts as resolvable.
     """
     if callable(handler):
-        return handler
+        return cast(Handler, handler)
     if not isinstance(handler, str):
         if type(handler).__name__ in ("Ref", "RefSet"):
             return lambda *_: None
@@ -298,7 +335,8 @@ def build_routing(value: Mapping[str, Any]) -> Routing:
     defaults = dict(routing.get("defaults") or {})
     handlers = dict(routing.get("handlers") or {})
     topics = {
-        name: _topic(name, spec or {}) for name, spec in (routing.get("topics") or {}).items()
+        name: _topic(name, spec or {})
+        for name, spec in (routing.get("topics") or {}).items()
     }
     publish = {
         name: tuple(_target(t) for t in spec["targets"])
@@ -352,7 +390,9 @@ def _subscription(
         return deep_merge(out, spec.get(section) or {})
 
     handler = resolve_handler(spec["handler"], handlers)
-    name = spec["handler"] if isinstance(spec["handler"], str) else _callable_name(handler)
+    name = (
+        spec["handler"] if isinstance(spec["handler"], str) else _callable_name(handler)
+    )
     return Subscription(
         id=sub_id,
         topic=topic.name,

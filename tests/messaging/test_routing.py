@@ -159,7 +159,7 @@ class TestBuild:
         assert "subscriptions.orders-worker.handler" in caught.value.problems[0]
 
     def test_every_routing_problem_is_reported_at_once(self) -> None:
-        """Missing topic, client, source and a broken import path all show up together."""
+        """Missing topic, client, source and a bad import path show up together."""
         routing = {
             "topics": {"a": {}},
             "publish": {"ghost": {"targets": [{"kafka_topic": "x"}]}},

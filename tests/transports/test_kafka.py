@@ -104,7 +104,7 @@ class TestFanOut:
     def test_one_produce_reaches_both_clusters_in_target_order(
         self, kafka_brokers: list[TansuBroker], unique: Callable[[str], str]
     ) -> None:
-        """A produce call sends to each target in order; each subscription reads its own cluster."""
+        """One produce goes to each target in order; subscriptions read their own cluster."""
         inbox = Inbox()
         clients = {
             "kafka-primary": kafka_client(kafka_brokers[0]),
@@ -120,9 +120,20 @@ class TestFanOut:
             assert receipts[0].destination.startswith("core.orders-")
             assert receipts[1].destination.startswith("core.orders.data-")
             assert inbox.wait_for(2)
-            seen = {name: (msg, ctx.client, ctx.destination) for name, msg, ctx in inbox.items}
-            assert seen["orders-worker"] == ({"id": 1}, "kafka-primary", receipts[0].destination)
-            assert seen["orders-data-worker"] == ({"id": 1}, "kafka-data", receipts[1].destination)
+            seen = {
+                name: (msg, ctx.client, ctx.destination)
+                for name, msg, ctx in inbox.items
+            }
+            assert seen["orders-worker"] == (
+                {"id": 1},
+                "kafka-primary",
+                receipts[0].destination,
+            )
+            assert seen["orders-data-worker"] == (
+                {"id": 1},
+                "kafka-data",
+                receipts[1].destination,
+            )
         finally:
             halt(system)
 
@@ -132,7 +143,7 @@ class TestFanOut:
         tansu_broker_factory: Callable[[], TansuBroker],
         unique: Callable[[str], str],
     ) -> None:
-        """When the second cluster is down the call fails, naming it and the first receipt."""
+        """With the second cluster down the call fails, naming it and the first receipt."""
         doomed = tansu_broker_factory()
         clients = {
             "kafka-primary": kafka_client(kafka_brokers[0]),
@@ -147,7 +158,9 @@ class TestFanOut:
             doomed.stop()
 
             with pytest.raises(PublishError, match="kafka-data") as caught:
-                system["duct.messaging/producer"].produce({"id": 2}, topic="order-created")
+                system["duct.messaging/producer"].produce(
+                    {"id": 2}, topic="order-created"
+                )
 
             assert caught.value.target.client == "kafka-data"
             assert [r.client for r in caught.value.sent] == ["kafka-primary"]
@@ -171,7 +184,7 @@ class TestCommits:
     def test_unfinished_message_is_not_committed_and_comes_back(
         self, kafka_brokers: list[TansuBroker], unique: Callable[[str], str]
     ) -> None:
-        """A message whose handler failed (and could not be dead-lettered) is seen again after restart."""
+        """A failed, not dead-lettered message is not committed and comes back."""
         topic, group = unique("payments"), unique("payments-group")
         failed = threading.Event()
 
@@ -184,7 +197,9 @@ class TestCommits:
         def routing(handler: Any) -> dict[str, Any]:
             return {
                 "topics": {"payment": {}},
-                "publish": {"payment": {"targets": [{"client": "main", "kafka_topic": topic}]}},
+                "publish": {
+                    "payment": {"targets": [{"client": "main", "kafka_topic": topic}]}
+                },
                 "subscriptions": {
                     "payments": {
                         "topic": "payment",
@@ -199,7 +214,9 @@ class TestCommits:
 
         clients = {"main": kafka_client(kafka_brokers[0])}
         sink = FailingSink()
-        config = system_config(clients, routing(broken), deadletter=Ref("app.test/sink"))
+        config = system_config(
+            clients, routing(broken), deadletter=Ref("app.test/sink")
+        )
         config["app.test/sink"] = {}
         first = init(config, overrides={"app.test/sink": sink})
         try:
@@ -227,11 +244,15 @@ class TestCommits:
             "kafka-primary": kafka_client(kafka_brokers[0]),
             "kafka-data": kafka_client(kafka_brokers[1]),
         }
-        system = init(system_config(clients, two_cluster_routing(unique, inbox, alias=True)))
+        system = init(
+            system_config(clients, two_cluster_routing(unique, inbox, alias=True))
+        )
         try:
             runtime = system["duct.kafka/consumers"]
             system["duct.messaging/producer"].produce({"id": 3}, topic="publish-only")
-            receipts = system["duct.messaging/producer"].produce({"id": 4}, topic="order-created")
+            receipts = system["duct.messaging/producer"].produce(
+                {"id": 4}, topic="order-created"
+            )
 
             assert sorted(runtime.workers) == ["orders-data-worker", "orders-worker"]
             assert [r.client for r in receipts] == ["kafka-primary", "kafka-data"]
