@@ -104,7 +104,7 @@ class TestFanOut:
     def test_one_produce_reaches_both_clusters_in_target_order(
         self, kafka_brokers: list[TansuBroker], unique: Callable[[str], str]
     ) -> None:
-        """One produce goes to each target in order; subscriptions read their own cluster."""
+        """One produce goes to each target in order; each sub reads its cluster."""
         inbox = Inbox()
         clients = {
             "kafka-primary": kafka_client(kafka_brokers[0]),
@@ -143,7 +143,7 @@ class TestFanOut:
         tansu_broker_factory: Callable[[], TansuBroker],
         unique: Callable[[str], str],
     ) -> None:
-        """With the second cluster down the call fails, naming it and the first receipt."""
+        """With the second cluster down the call fails, naming the sent targets."""
         doomed = tansu_broker_factory()
         clients = {
             "kafka-primary": kafka_client(kafka_brokers[0]),
