@@ -12,6 +12,7 @@ BUILTIN_KEYS = {
     "duct.messaging/routing": "duct_messaging.messaging.components",
     "duct.messaging/producers": "duct_messaging.messaging.components",
     "duct.messaging/producer": "duct_messaging.messaging.components",
+    "duct.messaging/tracing": "duct_messaging.messaging.components",
     "duct.messaging/deferred": "duct_messaging.messaging.deferred",
     "duct.memory/clients": "duct_messaging.transports.memory",
     "duct.memory/producers": "duct_messaging.transports.memory",

@@ -93,7 +93,11 @@ def _check_producer(value: Any, ctx: CheckContext) -> Iterator[str]:
     merged = merge_routing(raw_routing)
     for topic, spec in (merged.get("publish") or {}).items():
         for i, target in enumerate((spec or {}).get("targets") or []):
-            client = target.get("client") or target.get("producer") if isinstance(target, Mapping) else None
+            client = (
+                target.get("client") or target.get("producer")
+                if isinstance(target, Mapping)
+                else None
+            )
             if client and client not in known:
                 yield (
                     f"routing publish.{topic}.targets[{i}].client: unknown client "
@@ -108,7 +112,9 @@ def client_names(ctx: CheckContext, producers_ref: Any) -> set[str] | None:
     its clients map. Returns None when the chain cannot be followed (a ref
     problem reported elsewhere, or a registry swapped for a ready object).
     """
-    registries = ctx.deref(producers_ref) if isinstance(producers_ref, Ref) else producers_ref
+    registries = (
+        ctx.deref(producers_ref) if isinstance(producers_ref, Ref) else producers_ref
+    )
     if isinstance(registries, Mapping) and "registries" in registries:
         registries = registries["registries"]
     if isinstance(registries, Ref | RefSet):
@@ -117,7 +123,9 @@ def client_names(ctx: CheckContext, producers_ref: Any) -> set[str] | None:
         return None
     names: set[str] = set()
     for registry_ref in registries:
-        registry = ctx.deref(registry_ref) if isinstance(registry_ref, Ref) else registry_ref
+        registry = (
+            ctx.deref(registry_ref) if isinstance(registry_ref, Ref) else registry_ref
+        )
         if not isinstance(registry, Mapping):
             return None
         clients = registry.get("clients")
@@ -183,3 +191,27 @@ def consumers_problems(value: Any, ctx: CheckContext, transport: str) -> Iterato
         yield f"sources: expected a list of source names, got {sources!r}"
         return
     yield from subscription_client_problems(value, ctx, transport)
+
+
+@component("duct.messaging/tracing")
+def tracing(value: Mapping[str, Any] | None) -> bool:
+    """Turn OpenTelemetry spans for produce and consume on or off.
+
+    `{opentelemetry: true}` needs the `otel` extra; without it (or with
+    `false`) the W3C `traceparent` header is still propagated, by the
+    library's own small implementation. Returns whether spans are on.
+    """
+    from duct_messaging.messaging.tracing import enable_opentelemetry
+
+    if value and value.get("opentelemetry"):
+        enable_opentelemetry()
+        return True
+    return False
+
+
+@tracing.halt
+def _halt_tracing(enabled: bool) -> None:
+    from duct_messaging.messaging.tracing import disable_opentelemetry
+
+    if enabled:
+        disable_opentelemetry()

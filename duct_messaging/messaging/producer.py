@@ -25,7 +25,12 @@ from duct_messaging.messaging import envelope
 from duct_messaging.messaging.codecs import Codec, get_codec
 from duct_messaging.messaging.routing import Routing
 from duct_messaging.messaging.schemas import Validator
-from duct_messaging.messaging.tracing import inject
+from duct_messaging.messaging.tracing import (
+    TraceContext,
+    inject,
+    opentelemetry_enabled,
+    start_span,
+)
 from duct_messaging.transports.base import (
     OutgoingMessage,
     Receipt,
@@ -205,8 +210,26 @@ class Producer:
         validator = self._validators.get(topic)
         if validator is not None:
             validator.validate(message)
+        if opentelemetry_enabled():
+            attributes = {"messaging.destination.name": topic}
+            with start_span(f"publish {topic}", "producer", None, attributes) as span:
+                outgoing = self._encode(message, topic, key, headers, span)
+                return await self._send_or_defer(
+                    outgoing, resolved, deliver_at_time, deliver_at_ms, delay_ms
+                )
         outgoing = self._encode(message, topic, key, headers)
+        return await self._send_or_defer(
+            outgoing, resolved, deliver_at_time, deliver_at_ms, delay_ms
+        )
 
+    async def _send_or_defer(
+        self,
+        outgoing: OutgoingMessage,
+        resolved: tuple[Target, ...],
+        deliver_at_time: datetime | None,
+        deliver_at_ms: int | None,
+        delay_ms: int | float | None,
+    ) -> list[Receipt] | DeferredReceipt:
         if (
             deliver_at_time is not None
             or deliver_at_ms is not None
@@ -281,6 +304,7 @@ class Producer:
         topic: str,
         key: str | bytes | None,
         headers: Mapping[str, str] | None,
+        trace: TraceContext | None = None,
     ) -> OutgoingMessage:
         codec = self._codecs.get(topic)
         if codec is None:
@@ -292,7 +316,12 @@ class Producer:
         out[envelope.TOPIC] = topic
         out[envelope.PRODUCED_AT] = envelope.produced_at()
         out[envelope.CONTENT_TYPE] = codec.content_type
-        inject(out)
+        if trace is None:
+            inject(out)
+        else:
+            out[envelope.TRACEPARENT] = trace.traceparent
+            if trace.tracestate:
+                out[envelope.TRACESTATE] = trace.tracestate
         raw_key = key.encode() if isinstance(key, str) else key
         return OutgoingMessage(topic, codec.encode(message), out, raw_key)
 
