@@ -30,7 +30,11 @@ from duct_messaging.system import Ref
 from duct_messaging.testing.tansu import TansuBroker
 
 CONSUMER = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
-BODY = {"id": "7f9c1a52-3d2e-4c51-9a0b-2f8e6b1d4c3a", "amount": 123.45, "note": "x" * 40}
+BODY = {
+    "id": "7f9c1a52-3d2e-4c51-9a0b-2f8e6b1d4c3a",
+    "amount": 123.45,
+    "note": "x" * 40,
+}
 
 
 def raw_produce(bootstrap: str, topic: str, count: int) -> float:
@@ -90,7 +94,9 @@ def duct_config(bootstrap: str, topic: str, handler: Any) -> dict[str, Any]:
         "duct.messaging/producers": [Ref("duct.kafka/producers")],
         "duct.messaging/routing": {
             "topics": {"bench": {}},
-            "publish": {"bench": {"targets": [{"client": "main", "kafka_topic": topic}]}},
+            "publish": {
+                "bench": {"targets": [{"client": "main", "kafka_topic": topic}]}
+            },
             "subscriptions": {}
             if handler is None
             else {
@@ -170,27 +176,44 @@ def duct_consume(bootstrap: str, topic: str, count: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=100_000)
-    parser.add_argument("--window", type=int, default=2_000, help="aproduce calls in flight")
+    parser.add_argument(
+        "--window", type=int, default=2_000, help="aproduce calls in flight"
+    )
     args = parser.parse_args()
     configure_logging("WARNING")
     n = args.messages
     with TansuBroker() as broker:
         bootstrap = broker.bootstrap_servers
-        raw_topic, duct_topic = f"raw-{uuid.uuid4().hex[:6]}", f"duct-{uuid.uuid4().hex[:6]}"
+        raw_topic, duct_topic = (
+            f"raw-{uuid.uuid4().hex[:6]}",
+            f"duct-{uuid.uuid4().hex[:6]}",
+        )
         raw = raw_produce(bootstrap, raw_topic, n)
         rows = [
-            ("produce (aproduce)", raw, duct_produce(bootstrap, duct_topic, n, args.window)),
+            (
+                "produce (aproduce)",
+                raw,
+                duct_produce(bootstrap, duct_topic, n, args.window),
+            ),
             (
                 "produce (aproduce_many)",
                 raw,
                 duct_produce(bootstrap, duct_topic, n, args.window, batch=True),
             ),
-            ("consume", raw_consume(bootstrap, raw_topic, n), duct_consume(bootstrap, duct_topic, 2 * n)),
+            (
+                "consume",
+                raw_consume(bootstrap, raw_topic, n),
+                duct_consume(bootstrap, duct_topic, 2 * n),
+            ),
         ]
-    print(f"Kafka (tansu on {bootstrap}), {n} messages of {len(json.dumps(BODY))} bytes")
+    print(
+        f"Kafka (tansu on {bootstrap}), {n} messages of {len(json.dumps(BODY))} bytes"
+    )
     print(f"{'':24}{'raw msg/s':>12}{'duct msg/s':>12}{'duct/raw':>10}")
     for name, raw_rate, duct_rate in rows:
-        print(f"{name:24}{raw_rate:12,.0f}{duct_rate:12,.0f}{duct_rate / raw_rate:10.2f}")
+        print(
+            f"{name:24}{raw_rate:12,.0f}{duct_rate:12,.0f}{duct_rate / raw_rate:10.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ def add_parser(subparsers: Any) -> None:
         ),
     )
     parser.add_argument("config", type=Path, help="the system config (YAML)")
-    parser.add_argument("--profile", help="the profile to select (dev, test, prod, ...)")
+    parser.add_argument(
+        "--profile", help="the profile to select (dev, test, prod, ...)"
+    )
     parser.add_argument("--timeout", type=float, help="give up after this many seconds")
     parser.set_defaults(func=_main)
 

@@ -6,9 +6,9 @@ client can read it. Everything else is a string header.
 
 from __future__ import annotations
 
-from random import getrandbits
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from random import getrandbits
 
 MESSAGE_ID = "x-message-id"
 TOPIC = "x-topic"

@@ -35,7 +35,8 @@ class Tracker:
         """Wait until every subscription has seen every id in `order_ids`."""
         with self._changed:
             return self._changed.wait_for(
-                lambda: all(order_ids <= set(ids) for ids in self.seen.values()), timeout
+                lambda: all(order_ids <= set(ids) for ids in self.seen.values()),
+                timeout,
             )
 
 
@@ -43,7 +44,9 @@ def tracker(value: Mapping[str, Any]) -> Tracker:
     return Tracker(list(value["subscriptions"]))
 
 
-def _handler(value: Mapping[str, Any]) -> Callable[[dict[str, Any], MessageContext], None]:
+def _handler(
+    value: Mapping[str, Any],
+) -> Callable[[dict[str, Any], MessageContext], None]:
     subscription: str = value["subscription"]
     seen: Tracker = value["tracker"]
 
@@ -83,7 +86,9 @@ async def _drive(value: Mapping[str, Any]) -> None:
     ok = await loop.run_in_executor(None, seen.wait_for, ids, value["timeout_s"])
     if ok:
         counts = ", ".join(f"{name}: {len(got)}" for name, got in seen.seen.items())
-        print(f"all {len(ids)} orders seen by every subscription ({counts})", flush=True)
+        print(
+            f"all {len(ids)} orders seen by every subscription ({counts})", flush=True
+        )
         request_stop(0, "all orders handled")
     else:
         request_stop(1, "timed out waiting for the orders")
