@@ -20,6 +20,15 @@ BUILTIN_KEYS = {
     "duct.kafka/clients": "duct_messaging.transports.kafka",
     "duct.kafka/producers": "duct_messaging.transports.kafka",
     "duct.kafka/consumers": "duct_messaging.transports.kafka",
+    "duct.redis/clients": "duct_messaging.transports.redis_streams",
+    "duct.redis/producers": "duct_messaging.transports.redis_streams",
+    "duct.redis/consumers": "duct_messaging.transports.redis_streams",
+    "duct.nats/clients": "duct_messaging.transports.nats",
+    "duct.nats/producers": "duct_messaging.transports.nats",
+    "duct.nats/consumers": "duct_messaging.transports.nats",
+    "duct.rabbitmq/clients": "duct_messaging.transports.rabbitmq",
+    "duct.rabbitmq/producers": "duct_messaging.transports.rabbitmq",
+    "duct.rabbitmq/consumers": "duct_messaging.transports.rabbitmq",
 }
 
 
