@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -276,3 +277,55 @@ def _committed(broker: TansuBroker, topic: str, group: str) -> int | None:
         return None if tp.offset < 0 else int(tp.offset)
     finally:
         consumer.close()
+
+
+class TestWireFormat:
+    def test_body_is_the_json_alone_and_metadata_travels_in_headers(
+        self, kafka_brokers: list[TansuBroker], unique: Callable[[str], str]
+    ) -> None:
+        """A plain confluent-kafka consumer reads the JSON body and our headers."""
+        topic = unique("wire")
+        routing = {
+            "topics": {"order-created": {}},
+            "publish": {
+                "order-created": {"targets": [{"client": "main", "kafka_topic": topic}]}
+            },
+        }
+        system = init(system_config({"main": kafka_client(kafka_brokers[0])}, routing))
+        try:
+            system["duct.messaging/producer"].produce(
+                {"id": "a1", "amount": 2.5},
+                topic="order-created",
+                headers={"tenant": "x"},
+            )
+        finally:
+            halt(system)
+
+        consumer = Consumer(
+            {
+                "bootstrap.servers": kafka_brokers[0].bootstrap_servers,
+                "group.id": unique("plain"),
+                "auto.offset.reset": "earliest",
+            },
+            logger=None,
+        )
+        consumer.subscribe([topic])
+        try:
+            msg = None
+            for _ in range(60):
+                msg = consumer.poll(0.5)
+                if msg is not None and msg.error() is None:
+                    break
+            assert msg is not None
+            assert msg.error() is None
+            headers = {k: v.decode() for k, v in msg.headers() or []}
+        finally:
+            consumer.close()
+
+        assert json.loads(msg.value()) == {"id": "a1", "amount": 2.5}
+        assert headers["x-topic"] == "order-created"
+        assert len(headers["x-message-id"]) == 32
+        assert headers["x-produced-at"].endswith("+00:00")
+        assert headers["content-type"] == "application/json"
+        assert headers["tenant"] == "x"
+        assert headers["traceparent"].startswith("00-")
