@@ -306,6 +306,8 @@ class TestWireFormat:
                 "bootstrap.servers": kafka_brokers[0].bootstrap_servers,
                 "group.id": unique("plain"),
                 "auto.offset.reset": "earliest",
+                "session.timeout.ms": 6000,
+                "heartbeat.interval.ms": 500,
             },
             logger=None,
         )
