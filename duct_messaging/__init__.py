@@ -7,7 +7,7 @@ producers, consumers, dead letters, deferred delivery) are built on it.
 
 from __future__ import annotations
 
-from duct_messaging._builtins import register_builtins
+from duct_messaging._builtins import register_builtins as _register_builtins
 from duct_messaging.errors import DuctMessagingError, MissingExtraError
 from duct_messaging.runner import request_stop, run
 from duct_messaging.system import (
@@ -23,7 +23,7 @@ from duct_messaging.system import (
     load_config,
 )
 
-register_builtins()
+_register_builtins()
 
 __all__ = [
     "ConfigError",
