@@ -240,6 +240,21 @@ class RabbitProducer:
             )
         return Receipt(self.client, TRANSPORT, exchange or routing_key)
 
+    async def send_many(
+        self, target: Target, messages: Sequence[OutgoingMessage]
+    ) -> list[Receipt]:
+        """Publish every message, up to `confirm_window` awaiting confirms.
+
+        Raises the first failure once every publish was confirmed or failed.
+        """
+        results = await asyncio.gather(
+            *(self.send(target, m) for m in messages), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return list(results)  # type: ignore[arg-type]
+
     async def _exchange(self, name: str) -> Any:
         exchange = self._exchanges.get(name)
         if exchange is None:

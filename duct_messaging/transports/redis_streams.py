@@ -156,18 +156,21 @@ def delivery_from_entry(
 
 
 @dataclass(slots=True)
-class _PendingAdd:
+class _PendingAdds:
+    """XADDs of one `send` or `send_many` call, answered by one future."""
+
     stream: str
-    fields: dict[bytes, bytes]
+    entries: list[dict[bytes, bytes]]
     maxlen: int | None
-    future: asyncio.Future[bytes]
+    future: asyncio.Future[list[bytes]]
 
 
 class RedisProducer:
     """Appends messages to streams of one Redis client.
 
     XADDs issued while a pipeline is in flight are written together in the
-    next one; each `send` still returns only after its own entry exists.
+    next one (group commit); each call still returns only after its own
+    entries exist.
     """
 
     transport = TRANSPORT
@@ -175,7 +178,7 @@ class RedisProducer:
     def __init__(self, client: RedisClient) -> None:
         self.client = client.name
         self._redis_client = client
-        self._queue: list[_PendingAdd] = []
+        self._queue: list[_PendingAdds] = []
         self._flusher: asyncio.Task[None] | None = None
 
     def destination(self, target: Target, topic: str) -> str:
@@ -185,16 +188,34 @@ class RedisProducer:
     async def send(self, target: Target, message: OutgoingMessage) -> Receipt:
         """Append `message` to the target's stream; return its entry id."""
         stream = self.destination(target, message.topic)
+        [entry_id] = await self._enqueue(stream, target, [entry_fields(message)])
+        return Receipt(self.client, TRANSPORT, stream, None, entry_id.decode())
+
+    async def send_many(
+        self, target: Target, messages: Sequence[OutgoingMessage]
+    ) -> list[Receipt]:
+        """Append every message to the target's stream, in order.
+
+        Raises `RedisTransportError` naming the first failed XADD, once
+        every XADD of the batch was answered.
+        """
+        if not messages:
+            return []
+        stream = self.destination(target, messages[0].topic)
+        entries = [entry_fields(m) for m in messages]
+        ids = await self._enqueue(stream, target, entries)
+        return [Receipt(self.client, TRANSPORT, stream, None, i.decode()) for i in ids]
+
+    def _enqueue(
+        self, stream: str, target: Target, entries: list[dict[bytes, bytes]]
+    ) -> asyncio.Future[list[bytes]]:
         maxlen = target.option("maxlen", self._redis_client.maxlen)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        add = _PendingAdd(
-            stream, entry_fields(message), int(maxlen) if maxlen else None, future
-        )
-        self._queue.append(add)
+        future: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
+        adds = _PendingAdds(stream, entries, int(maxlen) if maxlen else None, future)
+        self._queue.append(adds)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        entry_id = await future
-        return Receipt(self.client, TRANSPORT, stream, None, entry_id.decode())
+        return future
 
     async def aclose(self) -> None:
         """Wait until every queued XADD was written (or failed)."""
@@ -203,28 +224,44 @@ class RedisProducer:
 
     async def _flush(self) -> None:
         while self._queue:
-            batch = self._queue[:MAX_PIPELINE]
-            del self._queue[:MAX_PIPELINE]
-            batch = [add for add in batch if not add.future.done()]
-            if not batch:
-                continue
+            calls = self._take()
             pipe = self._redis_client.redis.pipeline(transaction=False)
-            for add in batch:
-                pipe.xadd(add.stream, add.fields, maxlen=add.maxlen, approximate=True)
+            for adds in calls:
+                for fields in adds.entries:
+                    pipe.xadd(adds.stream, fields, maxlen=adds.maxlen, approximate=True)
             try:
                 results = await pipe.execute(raise_on_error=False)
             except (RedisError, OSError) as exc:
-                results = [exc] * len(batch)
-            for add, result in zip(batch, results, strict=True):
-                if add.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    error = RedisTransportError(
-                        self.client, f"XADD to {add.stream}", str(result)
-                    )
-                    add.future.set_exception(error)
-                else:
-                    add.future.set_result(result)
+                results = [exc] * sum(len(adds.entries) for adds in calls)
+            for adds in calls:
+                answered, results = (
+                    results[: len(adds.entries)],
+                    results[len(adds.entries) :],
+                )
+                self._answer(adds, answered)
+
+    def _take(self) -> list[_PendingAdds]:
+        """Take queued calls worth up to `MAX_PIPELINE` XADDs (at least one)."""
+        taken, size = 0, 0
+        while taken < len(self._queue) and (
+            taken == 0 or size + len(self._queue[taken].entries) <= MAX_PIPELINE
+        ):
+            size += len(self._queue[taken].entries)
+            taken += 1
+        calls, self._queue = self._queue[:taken], self._queue[taken:]
+        return [adds for adds in calls if not adds.future.done()]
+
+    def _answer(self, adds: _PendingAdds, results: list[Any]) -> None:
+        if adds.future.done():
+            return
+        for result in results:
+            if isinstance(result, BaseException):
+                error = RedisTransportError(
+                    self.client, f"XADD to {adds.stream}", str(result)
+                )
+                adds.future.set_exception(error)
+                return
+        adds.future.set_result(results)
 
 
 class _ConsumerSlots:

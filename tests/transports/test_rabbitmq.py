@@ -1,0 +1,262 @@
+"""RabbitMQ specifics: topology, unroutable publishes, confirms, requeue, config."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import aio_pika
+import pytest
+
+from duct_messaging import init
+from duct_messaging.errors import MissingExtraError
+from duct_messaging.messaging.consumer import MessageContext
+from duct_messaging.messaging.producer import PublishError
+from duct_messaging.system import ConfigError, InitError, Ref
+from duct_messaging.transports.rabbitmq import (
+    RabbitTransportError,
+    UnroutableMessageError,
+)
+from tests.contract.conftest import Inbox, RecordingSink
+from tests.transports._support import (
+    FailingOnceSink,
+    Systems,
+    eventually,
+    on_loop,
+    running_systems,
+)
+
+pytestmark = pytest.mark.rabbitmq
+
+URL = "amqp://guest:guest@127.0.0.1:5672/"
+SINK = "test.rabbitmq/sink"
+
+
+async def _with_channel(action: Any) -> Any:
+    connection = await aio_pika.connect(URL)
+    try:
+        return await action(await connection.channel())
+    finally:
+        await connection.close()
+
+
+def with_channel(action: Any) -> Any:
+    """Run `action(channel)` on a fresh connection and return its result."""
+    return asyncio.run(_with_channel(action))
+
+
+def queue_depth(name: str) -> int:
+    """Return the number of ready messages in queue `name`."""
+
+    async def depth(channel: Any) -> int:
+        queue = await channel.declare_queue(name, passive=True)
+        return int(queue.declaration_result.message_count)
+
+    return int(with_channel(depth))
+
+
+@pytest.fixture
+def exchange() -> Iterator[str]:
+    """An exchange name unique to the test; it and its queues are deleted after."""
+    name = f"test.rabbit.{uuid.uuid4().hex[:10]}"
+    yield name
+
+    async def delete(channel: Any) -> None:
+        for queue in ("worker", "audit", "billing", "flaky", "kept"):
+            await channel.queue_delete(f"{name}.{queue}")
+        await channel.exchange_delete(name)
+
+    with_channel(delete)
+
+
+@pytest.fixture
+def systems() -> Iterator[Systems]:
+    """Systems a test starts; halted after it."""
+    yield from running_systems()
+
+
+def config(
+    exchange: str,
+    subscriptions: dict[str, Any] | None = None,
+    *,
+    target: dict[str, Any] | None = None,
+    client: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Return a system with one RabbitMQ client `main` publishing to `exchange`."""
+    return {
+        "duct.rabbitmq/clients": {"main": {"url": URL, **(client or {})}},
+        "duct.rabbitmq/producers": {"clients": Ref("duct.rabbitmq/clients")},
+        "duct.messaging/producers": [Ref("duct.rabbitmq/producers")],
+        "duct.messaging/routing": {
+            "topics": {"orders": {}},
+            "publish": {
+                "orders": {
+                    "targets": [
+                        {"client": "main", "exchange": exchange, **(target or {})}
+                    ]
+                }
+            },
+            "subscriptions": subscriptions or {},
+        },
+        "duct.messaging/producer": {
+            "routing": Ref("duct.messaging/routing"),
+            "producers": Ref("duct.messaging/producers"),
+        },
+        "duct.rabbitmq/consumers": {
+            "clients": Ref("duct.rabbitmq/clients"),
+            "routing": Ref("duct.messaging/routing"),
+            "deadletter": Ref(SINK),
+        },
+        SINK: {},
+    }
+
+
+def subscription(handler: Any, **extra: Any) -> dict[str, Any]:
+    return {
+        "topic": "orders",
+        "source": "rabbitmq",
+        "client": "main",
+        "handler": handler,
+        **extra,
+    }
+
+
+class TestTopology:
+    def test_each_subscription_gets_a_durable_queue_named_after_it(
+        self, exchange: str, systems: Systems
+    ) -> None:
+        """Queues default to `<exchange>.<subscription>`, and are empty once handled."""
+        inbox = Inbox()
+        subs = {
+            "audit": subscription(inbox.handler("audit")),
+            "billing": subscription(inbox.handler("billing")),
+        }
+        system = systems.start(config(exchange, subs), **{SINK: RecordingSink()})
+
+        for n in range(10):
+            system["duct.messaging/producer"].produce({"n": n}, topic="orders")
+
+        assert inbox.wait_for("audit", 10)
+        assert inbox.wait_for("billing", 10)
+        systems.stop(system)
+        assert queue_depth(f"{exchange}.audit") == 0
+        assert queue_depth(f"{exchange}.billing") == 0
+
+    def test_publish_nobody_can_receive_fails(
+        self, exchange: str, systems: Systems
+    ) -> None:
+        """With no queue bound, a mandatory publish fails instead of vanishing."""
+        system = systems.start(config(exchange), **{SINK: RecordingSink()})
+
+        with pytest.raises(PublishError, match="no queue is bound") as caught:
+            system["duct.messaging/producer"].produce({"n": 1}, topic="orders")
+
+        assert isinstance(caught.value.__cause__, UnroutableMessageError)
+        assert caught.value.__cause__.exchange == exchange
+
+    def test_queue_on_the_target_keeps_messages_for_a_later_subscription(
+        self, exchange: str, systems: Systems
+    ) -> None:
+        """A target naming a queue keeps messages for a subscription started later."""
+        kept = f"{exchange}.kept"
+        publisher = systems.start(
+            config(exchange, target={"queue": kept}), **{SINK: RecordingSink()}
+        )
+        for n in range(3):
+            publisher["duct.messaging/producer"].produce({"n": n}, topic="orders")
+        systems.stop(publisher)
+        assert queue_depth(kept) == 3
+        inbox = Inbox()
+
+        systems.start(
+            config(
+                exchange,
+                {"late": subscription(inbox.handler("late"))},
+                target={"queue": kept},
+            ),
+            **{SINK: RecordingSink()},
+        )
+
+        assert inbox.wait_for("late", 3)
+        assert [o["n"] for o in inbox.of("late")] == [0, 1, 2]
+
+    def test_exchange_of_another_type_fails_the_start(
+        self, exchange: str, systems: Systems
+    ) -> None:
+        """An existing exchange is never redeclared with another type."""
+        with_channel(
+            lambda channel: channel.declare_exchange(exchange, "fanout", durable=True)
+        )
+        subs = {"worker": subscription(lambda m: None)}
+
+        with pytest.raises(InitError) as caught:
+            systems.start(config(exchange, subs), **{SINK: RecordingSink()})
+
+        cause = caught.value.__cause__.__cause__
+        assert isinstance(cause, RabbitTransportError)
+        assert "PRECONDITION_FAILED" in str(cause)
+
+
+class TestConfirmsAndAcks:
+    def test_a_batch_is_confirmed_message_by_message(
+        self, exchange: str, systems: Systems
+    ) -> None:
+        """500 sends in flight on one confirm channel all get receipts and arrive."""
+        inbox = Inbox()
+        system = systems.start(
+            config(exchange, {"worker": subscription(inbox.handler("worker"))}),
+            **{SINK: RecordingSink()},
+        )
+        producer = system["duct.messaging/producer"]
+
+        receipts = on_loop(
+            system,
+            producer.aproduce_many([{"n": n} for n in range(500)], topic="orders"),
+        )
+
+        assert len(receipts) == 500
+        assert {r[0].destination for r in receipts} == {exchange}
+        assert inbox.wait_for("worker", 500)
+        assert sorted(o["n"] for o in inbox.of("worker")) == list(range(500))
+
+    def test_released_message_is_requeued_and_redelivered(
+        self, exchange: str, systems: Systems
+    ) -> None:
+        """When the dead-letter sink fails, the message goes back to its queue."""
+        attempts: list[int] = []
+
+        def broken(message: Any, ctx: MessageContext) -> None:
+            attempts.append(ctx.attempt)
+            raise RuntimeError("always")
+
+        sink = FailingOnceSink()
+        subs = {"flaky": subscription(broken, retry={"max_attempts": 1})}
+        system = systems.start(config(exchange, subs), **{SINK: sink})
+
+        system["duct.messaging/producer"].produce({"n": 1}, topic="orders")
+
+        assert sink.wait_for(1)
+        assert attempts == [1, 2]
+        systems.stop(system)
+        assert eventually(lambda: queue_depth(f"{exchange}.flaky") == 0)
+
+
+class TestConfig:
+    def test_client_without_url_is_a_config_error(self, exchange: str) -> None:
+        """A client with no `url` is reported before anything starts."""
+        with pytest.raises(ConfigError, match=r"main\.url: missing"):
+            init(config(exchange, client={"url": None}))
+
+    def test_import_without_aio_pika_names_the_extra(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Importing the transport without aio-pika asks for the `rabbitmq` extra."""
+        monkeypatch.setitem(sys.modules, "aio_pika", None)
+        monkeypatch.delitem(sys.modules, "duct_messaging.transports.rabbitmq")
+
+        with pytest.raises(MissingExtraError, match=r"duct-messaging\[rabbitmq\]"):
+            importlib.import_module("duct_messaging.transports.rabbitmq")
