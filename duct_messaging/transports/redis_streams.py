@@ -381,7 +381,7 @@ class RedisSource:
         gone: list[bytes] = []
         for _stream, entries in _stream_entries(reply):
             for entry_id, fields in entries:
-                if fields is None:  # trimmed away while pending
+                if not fields:  # trimmed away while pending
                     gone.append(entry_id)
                     continue
                 out.append(delivery_from_entry(self.stream, entry_id, fields))
@@ -405,7 +405,7 @@ class RedisSource:
         claimed = [
             delivery_from_entry(self.stream, entry_id, fields)
             for entry_id, fields in entries
-            if fields is not None
+            if fields
         ]
         if claimed:
             log.info(

@@ -199,6 +199,28 @@ class TestGroups:
         assert [c.attempt for c in inbox.contexts("claimer")] == [2]
         assert eventually(lambda: pending(raw, stream, "claimer") == 0)
 
+    def test_entry_trimmed_while_pending_is_dropped_not_dead_lettered(
+        self, stream: str, raw: redis.Redis, systems: Systems
+    ) -> None:
+        """A held entry that trimming removed is acked away, never handled."""
+        raw.xgroup_create(stream, "keeper", id="0", mkstream=True)
+        raw.xadd(stream, {"body": b'{"n": 0}'})
+        raw.xreadgroup("keeper", "me", {stream: ">"}, count=10)
+        raw.xtrim(stream, maxlen=0, approximate=False)
+        inbox = Inbox()
+        sink = RecordingSink()
+        subs = {
+            "keeper": subscription(inbox.handler("keeper"), options={"consumer": "me"})
+        }
+        system = systems.start(config(stream, subs), **{SINK: sink})
+
+        system["duct.messaging/producer"].produce({"n": 1}, topic="orders")
+
+        assert inbox.wait_for("keeper", 1)
+        assert inbox.of("keeper") == [{"n": 1}]
+        assert sink.letters == []
+        assert eventually(lambda: pending(raw, stream, "keeper") == 0)
+
     def test_released_entry_is_read_again_by_the_same_consumer(
         self, stream: str, raw: redis.Redis, systems: Systems
     ) -> None:
