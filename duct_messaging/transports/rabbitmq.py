@@ -336,8 +336,10 @@ class RabbitSource:
         self._consumer_tag: str | None = None
         self._queue: Any = None
         self._buffer: asyncio.Queue[Any] = asyncio.Queue()
-        # Delivery tags handed to us and not settled yet, on this channel.
-        self._unsettled: set[int] = set()
+        # Delivery tags handed to us and not settled yet, per AMQP channel:
+        # after a reconnect the robust channel delivers on a new underlying
+        # channel whose tags start again at 1.
+        self._unsettled: dict[int, set[int]] = {}
 
     async def start(self) -> None:
         """Declare the topology, set the prefetch and start consuming."""
@@ -355,7 +357,7 @@ class RabbitSource:
         self._consumer_tag = await self._queue.consume(self._on_message)
 
     async def _on_message(self, message: Any) -> None:
-        self._unsettled.add(message.delivery_tag)
+        self._unsettled.setdefault(id(message.channel), set()).add(message.delivery_tag)
         self._buffer.put_nowait(message)
 
     async def fetch(self, max_messages: int, timeout: float) -> Sequence[Delivery]:
@@ -387,25 +389,47 @@ class RabbitSource:
         )
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """Acknowledge `deliveries`, one frame for each run of settled tags."""
-        by_tag = {int(d.position): d.handle for d in deliveries}  # type: ignore[arg-type]
-        others = self._unsettled.difference(by_tag)
-        # Everything below the lowest tag still out is in this batch: one
-        # `multiple` ack covers it.
-        ceiling = min(others) if others else None
-        covered = [t for t in sorted(by_tag) if ceiling is None or t < ceiling]
-        if covered:
-            await by_tag[covered[-1]].ack(multiple=True)
-        for tag in sorted(by_tag):
-            if ceiling is not None and tag > ceiling:
-                await by_tag[tag].ack()
-        self._unsettled.difference_update(by_tag)
+        """Acknowledge `deliveries`, one frame for each run of settled tags.
+
+        A delivery whose channel closed meanwhile cannot be acked; the
+        broker has put it back in the queue, so it comes again.
+        """
+        for channel, by_tag in self._by_channel(deliveries).items():
+            unsettled = self._unsettled.get(channel, set())
+            try:
+                await _ack_runs(by_tag, unsettled)
+            except (aio_pika.exceptions.AMQPError, RuntimeError) as exc:
+                self._lost_channel(channel, "ack", exc)
+                continue
+            unsettled.difference_update(by_tag)
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
         """Nack `deliveries` back to the queue for delivery again."""
+        for channel, by_tag in self._by_channel(deliveries).items():
+            unsettled = self._unsettled.get(channel, set())
+            try:
+                for message in by_tag.values():
+                    await message.nack(requeue=True)
+            except (aio_pika.exceptions.AMQPError, RuntimeError) as exc:
+                self._lost_channel(channel, "nack", exc)
+                continue
+            unsettled.difference_update(by_tag)
+
+    def _by_channel(self, deliveries: Sequence[Delivery]) -> dict[int, dict[int, Any]]:
+        grouped: dict[int, dict[int, Any]] = {}
         for delivery in deliveries:
-            await delivery.handle.nack(requeue=True)
-            self._unsettled.discard(int(delivery.position))  # type: ignore[arg-type]
+            message = delivery.handle
+            grouped.setdefault(id(message.channel), {})[message.delivery_tag] = message
+        return grouped
+
+    def _lost_channel(self, channel: int, action: str, exc: BaseException) -> None:
+        self._unsettled.pop(channel, None)
+        log.warning(
+            "rabbitmq_settle_on_closed_channel",
+            subscription=self.subscription,
+            action=action,
+            error=repr(exc),
+        )
 
     async def stop(self) -> None:
         """Cancel the consumer and close the channel; unacked messages requeue."""
@@ -423,6 +447,23 @@ class RabbitSource:
             )
         self._channel = None
         self._unsettled.clear()
+
+
+async def _ack_runs(by_tag: Mapping[int, Any], unsettled: set[int]) -> None:
+    """Ack `by_tag` (tag -> message of one channel) in as few frames as possible.
+
+    Every tag below the lowest one still unsettled outside this batch is
+    covered by one `multiple` ack of the highest such tag; the rest are
+    acked one by one.
+    """
+    others = unsettled.difference(by_tag)
+    ceiling = min(others) if others else None
+    tags = sorted(by_tag)
+    covered = [t for t in tags if ceiling is None or t < ceiling]
+    if covered:
+        await by_tag[covered[-1]].ack(multiple=True)
+    for tag in tags[len(covered) :]:
+        await by_tag[tag].ack()
 
 
 def make_runtime(

@@ -354,22 +354,25 @@ class RedisSource:
 
     async def _fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
         state = self._state
-        if state.replay_from is not None:
-            batch = await self._read(state.replay_from, max_messages, None)
+        while state.replay_from is not None:
+            batch, dropped = await self._read(state.replay_from, max_messages, None)
             if batch:
                 state.replay_from = str(batch[-1].position)
                 return await self._with_attempts(batch)
-            state.replay_from = None
+            if not dropped:  # else: read on past the trimmed entries
+                state.replay_from = None
         if time.monotonic() >= state.next_claim_at:
             state.next_claim_at = time.monotonic() + self._claim_interval_s
             claimed = await self._claim(max_messages)
             if claimed:
                 return await self._with_attempts(claimed)
-        return await self._read(">", max_messages, max(int(timeout * 1000), 1))
+        fresh, _ = await self._read(">", max_messages, max(int(timeout * 1000), 1))
+        return fresh
 
     async def _read(
         self, from_id: str, count: int, block_ms: int | None
-    ) -> list[Delivery]:
+    ) -> tuple[list[Delivery], int]:
+        """Return the deliveries read, and how many trimmed entries were dropped."""
         reply = await self._redis.xreadgroup(
             self.group,
             self.consumer,
@@ -387,7 +390,7 @@ class RedisSource:
                 out.append(delivery_from_entry(self.stream, entry_id, fields))
         if gone:
             await self._redis.xack(self.stream, self.group, *gone)
-        return out
+        return out, len(gone)
 
     async def _claim(self, count: int) -> list[Delivery]:
         reply = await self._redis.xautoclaim(
