@@ -226,7 +226,13 @@ class RabbitProducer:
                 result = await publisher.publish(
                     amqp_message(message), routing_key, mandatory=mandatory
                 )
-            except aio_pika.exceptions.AMQPError as exc:
+            except (
+                aio_pika.exceptions.AMQPError,
+                aio_pika.exceptions.ChannelInvalidStateError,
+            ) as exc:
+                if isinstance(exc, aio_pika.exceptions.ChannelNotFoundEntity):
+                    # Deleted behind our back: declare it again on the next send.
+                    self._forget(exchange)
                 raise RabbitTransportError(
                     self.client, f"publish to exchange {exchange!r}", repr(exc)
                 ) from exc
@@ -254,6 +260,11 @@ class RabbitProducer:
             if isinstance(result, BaseException):
                 raise result
         return list(results)  # type: ignore[arg-type]
+
+    def _forget(self, exchange: str) -> None:
+        self._exchanges.pop(exchange, None)
+        for key in [k for k in self._declared if k[0] == exchange]:
+            del self._declared[key]
 
     async def _exchange(self, name: str) -> Any:
         exchange = self._exchanges.get(name)

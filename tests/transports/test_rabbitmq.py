@@ -200,6 +200,24 @@ class TestTopology:
         assert isinstance(cause, RabbitTransportError)
         assert "PRECONDITION_FAILED" in str(cause)
 
+    def test_exchange_deleted_behind_our_back_is_declared_again(
+        self, exchange: str, systems: Systems
+    ) -> None:
+        """After a send fails on a deleted exchange, the next one redeclares it."""
+        kept = f"{exchange}.kept"
+        system = systems.start(
+            config(exchange, target={"queue": kept}), **{SINK: RecordingSink()}
+        )
+        producer = system["duct.messaging/producer"]
+        producer.produce({"n": 1}, topic="orders")
+        with_channel(lambda channel: channel.exchange_delete(exchange))
+
+        with pytest.raises(PublishError, match="NOT_FOUND"):
+            producer.produce({"n": 2}, topic="orders")
+        producer.produce({"n": 3}, topic="orders")
+
+        assert queue_depth(kept) == 2
+
 
 class TestConfirmsAndAcks:
     def test_a_batch_is_confirmed_message_by_message(
