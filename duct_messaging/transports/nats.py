@@ -31,7 +31,9 @@ client's publish target (or `options.subject`) through a durable pull
 consumer named `options.durable` (default: the subscription id, with
 characters NATS forbids replaced by `_`) on `options.stream` (default: the
 stream that captures the subject). Options `ack_wait_s`, `max_ack_pending`
-and `max_deliver` go to the consumer's config when it is created.
+and `max_deliver` go to the consumer's config when it is created. A source
+idle for `consumer_check_s` (default 5) checks that its consumer still
+exists and recreates it if someone deleted it.
 
 Producing uses JetStream async publish: concurrent sends pipeline their
 publish acks, while each `send` still returns only once the stream stored
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +84,9 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 DEFAULT_PUBLISH_TIMEOUT_S = 5.0
 DEFAULT_ACK_WAIT_S = 30.0
 DEFAULT_MAX_ACK_PENDING = 1000
+# After this long without messages a source checks that its durable consumer
+# still exists: pulls from a deleted consumer just time out, silently.
+DEFAULT_CONSUMER_CHECK_S = 5.0
 # YAML field -> nats-py StreamConfig field.
 STREAM_FIELDS = {
     "subjects": "subjects",
@@ -371,6 +377,11 @@ class NatsSource:
             options.get("max_ack_pending", DEFAULT_MAX_ACK_PENDING)
         )
         self.max_deliver = int(options.get("max_deliver", -1))
+        self.consumer_check_s = float(
+            options.get("consumer_check_s", DEFAULT_CONSUMER_CHECK_S)
+        )
+        self._next_check = 0.0
+        self._acked_seq = 0
         self._client = client
         self._policy = RetryPolicy.from_config(subscription.retry)
         self._sub: Any = None
@@ -393,7 +404,7 @@ class NatsSource:
                 "the client's `streams`",
             ) from exc
 
-    async def _ensure_consumer(self) -> None:
+    async def _ensure_consumer(self, start_seq: int | None = None) -> None:
         js = self._client.js
         try:
             info = await js.consumer_info(self.stream, self.durable)
@@ -402,7 +413,10 @@ class NatsSource:
                 name=self.durable,
                 durable_name=self.durable,
                 ack_policy=api.AckPolicy.EXPLICIT,
-                deliver_policy=api.DeliverPolicy.ALL,
+                deliver_policy=api.DeliverPolicy.ALL
+                if start_seq is None
+                else api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=start_seq,
                 filter_subject=self.subject,
                 ack_wait=self.ack_wait_s,
                 max_ack_pending=self.max_ack_pending,
@@ -431,7 +445,9 @@ class NatsSource:
         try:
             messages = await self._sub.fetch(max_messages, timeout=timeout)
         except nats.errors.TimeoutError:
+            await self._check_consumer()
             return []
+        self._next_check = time.monotonic() + self.consumer_check_s
         out = []
         for msg in messages:
             headers = dict(msg.headers or {})
@@ -449,10 +465,30 @@ class NatsSource:
             )
         return out
 
+    async def _check_consumer(self) -> None:
+        """Recreate the durable consumer if it was deleted while we were idle."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.consumer_check_s
+        try:
+            await self._client.js.consumer_info(self.stream, self.durable)
+        except nats.js.errors.NotFoundError:
+            log.warning(
+                "nats_consumer_recreated",
+                subscription=self.subscription,
+                stream=self.stream,
+                durable=self.durable,
+            )
+            # Resume after what this source acked, not from the stream start.
+            resume = self._acked_seq + 1 if self._acked_seq else None
+            await self._ensure_consumer(resume)
+
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Acknowledge `deliveries`; the writes go out together."""
         for delivery in deliveries:
             await delivery.handle.ack()
+            self._acked_seq = max(self._acked_seq, int(delivery.position))  # type: ignore[arg-type]
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
         """Nak `deliveries` so they come back after the retry back-off."""

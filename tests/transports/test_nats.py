@@ -267,6 +267,27 @@ class TestConsuming:
 
         assert isinstance(caught.value.__cause__.__cause__, ConsumerConfigMismatchError)
 
+    def test_consumer_deleted_behind_our_back_is_recreated(
+        self, names: tuple[str, str], systems: Systems
+    ) -> None:
+        """An idle source recreates its deleted consumer, resuming after its acks."""
+        inbox = Inbox()
+        subs = {
+            "audit": subscription(
+                inbox.handler("audit"), options={"consumer_check_s": 0.1}
+            )
+        }
+        system = systems.start(config(names, subs), **{SINK: RecordingSink()})
+        producer = system["duct.messaging/producer"]
+        producer.produce({"n": 1}, topic="orders")
+        assert inbox.wait_for("audit", 1)
+        jetstream(lambda js: js.delete_consumer(names[0], "audit"))
+
+        producer.produce({"n": 2}, topic="orders")
+
+        assert inbox.wait_for("audit", 2)
+        assert inbox.of("audit") == [{"n": 1}, {"n": 2}]
+
     def test_released_message_is_nakked_and_redelivered(
         self, names: tuple[str, str], systems: Systems
     ) -> None:
