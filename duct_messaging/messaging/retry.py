@@ -1,10 +1,23 @@
 """Retry policy: how often a failing handler is tried, and how long between.
 
-Retries run inside the consumer, before the message is acknowledged, so they
-hold up the messages behind it on the same partition or queue. Keep the sum
-of the delays well under the broker's processing deadline (Kafka's
-`max.poll.interval.ms`, 300 s by default): with the defaults below a message
-spends at most about 0.3 s in back-off before it is dead-lettered.
+Config (merged defaults -> topic -> subscription, under `retry`):
+
+    retry:
+      max_attempts: 3            # tries in all, the first included
+      backoff: {initial_ms: 100, multiplier: 2.0, max_ms: 5000, jitter: 0.1}
+      non_retriable: [ValueError, my_app.errors:Rejected]
+
+Retries run inside the consumer, before the message is acknowledged. While
+a message waits out its back-off, the messages behind it on the same
+partition (or, for transports without partitions, the same subscription)
+wait too; other partitions keep flowing, and a Kafka consumer keeps polling
+(its partition is paused), so a back-off never trips `max.poll.interval.ms`.
+
+How long retries may take: a message is dead-lettered after at most
+`max_attempts` handler calls plus `worst_case_backoff_s()` of waiting; with
+the defaults that is three calls and at most 0.33 s. A stopping consumer
+does not wait out a back-off: the message is left unacknowledged and is
+delivered again later, with a fresh count of attempts.
 """
 
 from __future__ import annotations
@@ -61,6 +74,15 @@ class RetryPolicy:
             return False
         return not isinstance(exc, self.non_retriable)
 
+    def worst_case_backoff_s(self) -> float:
+        """Return the longest total back-off before a message is dead-lettered."""
+        top = 1 + self.jitter
+        return sum(
+            min(self.initial_backoff_s * self.multiplier ** (n - 1), self.max_backoff_s)
+            * top
+            for n in range(1, self.max_attempts)
+        )
+
     def delay(self, attempt: int) -> float:
         """Return the back-off in seconds after failed try `attempt` (1-based)."""
         base = self.initial_backoff_s * self.multiplier ** (attempt - 1)
@@ -80,6 +102,14 @@ def retry_problems(config: Any) -> list[str]:
     attempts = config.get("max_attempts", DEFAULT_MAX_ATTEMPTS)
     if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
         problems.append(f"max_attempts: expected an integer >= 1, got {attempts!r}")
+    backoff = config.get("backoff") or {}
+    if not isinstance(backoff, Mapping):
+        problems.append(f"backoff: expected a mapping, got {type(backoff).__name__}")
+        backoff = {}
+    for name in ("initial_ms", "multiplier", "max_ms", "jitter"):
+        value = backoff.get(name, 0)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+            problems.append(f"backoff.{name}: expected a number >= 0, got {value!r}")
     for path in config.get("non_retriable") or ():
         try:
             _exception_type(path)
