@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 import psycopg
-from apscheduler import Job, Schedule
+from apscheduler import Event, Job, JobAdded, Schedule, ScheduleAdded
 from apscheduler.abc import DataStore, EventBroker
 from apscheduler.datastores.memory import MemoryDataStore
 from apscheduler.datastores.sqlalchemy import SQLAlchemyDataStore
@@ -36,8 +36,31 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from duct_messaging.messaging import _deferred_payload as payload
 from duct_messaging.transports.base import Target
 
-#: The APScheduler task every deferred message runs as.
+#: The APScheduler tasks deferred messages run as: `TASK_ID/0` ... `TASK_ID/n`.
 TASK_ID = "duct.messaging/deferred"
+
+#: Messages are spread over this many tasks. APScheduler locks and updates
+#: its task row on every job it hands out and releases (a running-job
+#: counter), so one task would make every delivery of every instance wait
+#: for the same row lock.
+TASK_SHARDS = 16
+
+
+def task_ids() -> list[str]:
+    """Return the ids of every task deferred messages run as."""
+    return [f"{TASK_ID}/{shard}" for shard in range(TASK_SHARDS)]
+
+
+def task_for(deferred_id: str) -> str:
+    """Return the task a message runs as (stable for its retries)."""
+    shard = int(hashlib.blake2b(deferred_id.encode(), digest_size=2).hexdigest(), 16)
+    return f"{TASK_ID}/{shard % TASK_SHARDS}"
+
+
+def is_deferred_task(task_id: str) -> bool:
+    """Return whether `task_id` is one of the deferred-delivery tasks."""
+    return task_id.startswith(f"{TASK_ID}/")
+
 
 #: The keyword argument of the task that carries the stored document.
 DOCUMENT_ARG = "deferred"
@@ -170,6 +193,28 @@ def _nonempty_str(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
+class SharedEventBroker(PsycopgEventBroker):
+    """The psycopg event broker, sending other instances only what they act on.
+
+    APScheduler publishes five events per message (schedule added and
+    updated, job added, acquired and released), and the stock broker sends
+    each through NOTIFY to every instance, which decodes it and wakes up.
+    Only two matter elsewhere: a new schedule may be due before the time
+    another instance sleeps until, and a new job is work any instance may
+    take. The rest stay in this process.
+    """
+
+    async def publish(self, event: Event) -> None:
+        """NOTIFY every instance of `event`, or only this one."""
+        if isinstance(event, _SHARED_EVENTS):
+            await super().publish(event)
+        else:
+            await self.publish_local(event)
+
+
+_SHARED_EVENTS = (ScheduleAdded, JobAdded)
+
+
 @dataclass(slots=True)
 class OpenedStore:
     """The data store and event broker for a spec, plus the engine behind them."""
@@ -209,7 +254,7 @@ def open_store(spec: StoreSpec, stack: AsyncExitStack) -> OpenedStore:
         assert spec.channel is not None
         engine = create_async_engine(spec.url)
         stack.push_async_callback(engine.dispose)
-        broker = PsycopgEventBroker(libpq_conninfo(spec), channel=spec.channel)
+        broker = SharedEventBroker(libpq_conninfo(spec), channel=spec.channel)
 
     store = SQLAlchemyDataStore(engine, schema=spec.schema, serializer=JSONSerializer())
     return OpenedStore(store, broker, engine)
@@ -307,12 +352,12 @@ async def read_pending(store: DataStore) -> list[PendingMessage]:
     """Return the messages of a started `store` not delivered yet, by due time."""
     found: dict[tuple[str, int], PendingMessage] = {}
     for schedule in await store.get_schedules():
-        if schedule.task_id == TASK_ID and schedule.next_fire_time is not None:
+        if is_deferred_task(schedule.task_id) and schedule.next_fire_time is not None:
             item = _pending(schedule, "scheduled")
             if item is not None:
                 found[(item.id, item.attempt)] = item
     for job in await store.get_jobs():
-        if job.task_id == TASK_ID:
+        if is_deferred_task(job.task_id):
             state = "delivering" if job.acquired_by else "due"
             item = _pending(job, state)
             if item is not None:

@@ -40,7 +40,7 @@ from contextlib import AsyncExitStack, suppress
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
-from uuid import UUID, uuid4
+from uuid import UUID, uuid4, uuid5
 
 import anyio
 import structlog
@@ -124,6 +124,7 @@ SWEEP_INTERVAL_S = 60.0
 _REQUEUE_TIMEOUT_S = 5.0
 
 _WAKE_UP_ID = "duct.messaging/deferred:wake-up"
+_DEAD_LETTER_IDS = UUID("5d1f0c8e-3b6a-4f7e-9a51-2c64d8e0b7a3")
 
 
 class DeferredNotConfiguredError(DuctMessagingError, RuntimeError):
@@ -574,13 +575,14 @@ class DeferredScheduler:
             # count is never given back for jobs of an instance that was
             # killed, so a cap would shrink with every crash until nothing
             # runs. `concurrency` bounds each instance instead.
-            await scheduler.configure_task(
-                stores.TASK_ID,
-                func=self._run_job,
-                job_executor="async",
-                max_running_jobs=None,
-                misfire_grace_time=None,
-            )
+            for task_id in stores.task_ids():
+                await scheduler.configure_task(
+                    task_id,
+                    func=self._run_job,
+                    job_executor="async",
+                    max_running_jobs=None,
+                    misfire_grace_time=None,
+                )
         await scheduler.start_in_background()
         self._data_store = opened.data_store
         return scheduler
@@ -646,7 +648,7 @@ class DeferredScheduler:
             "job_result_expiration_time": 0,
         }
         schedule = Schedule(
-            id=schedule_id, task_id=stores.TASK_ID, trigger=trigger, **options
+            id=schedule_id, task_id=stores.task_for(item.id), trigger=trigger, **options
         )
         schedule.next_fire_time = trigger.next()
         await store.add_schedule(schedule, conflict)
@@ -763,6 +765,10 @@ class DeferredScheduler:
             error_traceback=error.traceback,
             first_failure_at=item.first_failure_at or error.at,
             last_failure_at=error.at,
+            key=item.message.key,
+            # One id per deferred message: a store keeps it once even when
+            # the write is repeated (a sink timeout, a job run twice).
+            id=uuid5(_DEAD_LETTER_IDS, item.id).hex,
         )
         try:
             await self.deadletter.write(letter)

@@ -51,6 +51,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--grace", type=float)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--in-flight", type=int, default=32, help="parallel schedules")
+    parser.add_argument(
+        "--hold", type=float, default=0.0, help="each send lasts this long (s)"
+    )
     return parser.parse_args(argv)
 
 
@@ -82,7 +85,7 @@ async def _main(args: argparse.Namespace) -> None:
         await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as dl_conn,
     ):
         scheduler = DeferredScheduler(
-            {"rec": PgRecorder(rec_conn, args.deliveries, args.name)},
+            {"rec": PgRecorder(rec_conn, args.deliveries, args.name, args.hold)},
             {"url": pg_url(args.database), "schema": args.schema},
             deadletter=PgDeadLetterSink(dl_conn, args.dead_letters, args.name),
             delivery=DeliveryPolicy(max_attempts=3, backoff_s=0.1, backoff_max_s=1.0),

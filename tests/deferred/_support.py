@@ -152,15 +152,27 @@ def create_tables(conninfo: str, deliveries: str, dead_letters: str) -> None:
 
 
 class PgRecorder:
-    """A transport producer that records each send as a row in PostgreSQL."""
+    """A transport producer that records each send as a row in PostgreSQL.
+
+    `hold_s` makes each send take that long after its row is committed, as
+    a slow broker acknowledgement would: an instance killed then has sent
+    messages whose delivery it has not finished.
+    """
 
     transport = "test"
 
-    def __init__(self, conn: psycopg.AsyncConnection[Any], table: str, instance: str):
+    def __init__(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        table: str,
+        instance: str,
+        hold_s: float = 0.0,
+    ) -> None:
         self.client = "rec"
         self.conn = conn
         self.table = table
         self.instance = instance
+        self.hold_s = hold_s
 
     async def send(self, target: Target, message: OutgoingMessage) -> Receipt:
         """Insert one row for `message`; the row is committed on return."""
@@ -174,6 +186,8 @@ class PgRecorder:
                 None if due is None else float(due),
             ],
         )
+        if self.hold_s:
+            await asyncio.sleep(self.hold_s)
         return Receipt(self.client, self.transport, message.topic)
 
     def destination(self, target: Target, topic: str) -> str:

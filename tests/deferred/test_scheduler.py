@@ -162,6 +162,7 @@ class TestFailures:
         assert letter.source == "deferred"
         assert letter.attempts == 3
         assert letter.body == message.body
+        assert letter.key == message.key
         assert letter.headers == dict(message.headers)
         assert letter.topic == "orders"
         assert letter.client == "rec"
