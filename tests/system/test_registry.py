@@ -154,14 +154,14 @@ class TestKeyResolution:
         def clients(value: Any) -> Any:
             return value
 
-        problems = check_config({"duct.regtest/client": {}, "duct.nothing": 1})
+        problems = check_config({"duct.regtest/client": {}, "duct.qqqq": 1})
 
         assert len(problems) == 2
         assert problems[0].startswith(
             "duct.regtest/client: unknown component key 'duct.regtest/client'. "
             "Did you mean: duct.regtest/clients"
         )
-        assert problems[1] == "duct.nothing: unknown component key 'duct.nothing'."
+        assert problems[1] == "duct.qqqq: unknown component key 'duct.qqqq'."
 
     def test_module_failing_to_import_is_a_problem(
         self, make_module: MakeModule, tmp_path: Any
