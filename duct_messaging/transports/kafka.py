@@ -408,6 +408,11 @@ class KafkaSource:
         # Partitions whose revocation waits for running deliveries.
         self._revoking: dict[int, int] = {}
         self._assigned: set[int] = set()
+        # Partitions assigned since the consumer thread last set their pause
+        # state: librdkafka keeps a partition paused across a revocation and
+        # a new assignment, so each new assignment is resumed (or, during a
+        # keep-alive, paused) explicitly.
+        self._fresh: set[int] = set()
         self._paused: set[int] = set()
         self._seek: dict[int, int] = {}
         self._buffer: list[Delivery] = []
@@ -444,9 +449,17 @@ class KafkaSource:
             out = self._buffer[:max_messages]
             del self._buffer[:max_messages]
             return out
+        self._resume_fresh()
         before = dict(self._generations)
         messages = self._consumer.consume(max_messages, timeout)
         return self._deliveries(messages, before)
+
+    def _resume_fresh(self) -> None:
+        with self._lock:
+            fresh = sorted(self._fresh & self._assigned)
+            self._fresh.clear()
+        if fresh:
+            self._consumer.resume([TopicPartition(self.topic, p) for p in fresh])
 
     def _deliveries(
         self, messages: list[Any], before: dict[int, int]
@@ -678,6 +691,7 @@ class KafkaSource:
         with self._lock:
             for partition in assigned:
                 self._assigned.add(partition)
+                self._fresh.add(partition)
                 self._offsets.setdefault(partition, _PartitionOffsets())
         log.debug(
             "kafka_partitions_assigned",
@@ -711,6 +725,7 @@ class KafkaSource:
                 self._seek.pop(partition, None)
                 self._claims.pop((partition, self._revoking.pop(partition)), None)
                 self._assigned.discard(partition)
+                self._fresh.discard(partition)
                 self._paused.discard(partition)
             self._buffer = [d for d in self._buffer if d.partition not in revoked]
         self._send_commit(offsets, asynchronous=False)
@@ -735,10 +750,11 @@ class KafkaSource:
         consumer = self._consumer
         log.debug("kafka_keepalive_polling", subscription=self.subscription)
         held: set[int] = set()
+        with self._lock:
+            self._fresh.clear()
+            fresh = self._assigned - self._paused
         try:
             while not self._wake.is_set():
-                with self._lock:
-                    fresh = self._assigned - self._paused - held
                 if fresh:
                     consumer.pause([TopicPartition(self.topic, p) for p in fresh])
                     held |= fresh
@@ -747,6 +763,9 @@ class KafkaSource:
                 if messages:
                     self._buffer.extend(self._deliveries(messages, before))
                 self._maybe_commit()
+                with self._lock:
+                    fresh = (self._fresh & self._assigned) - self._paused
+                    self._fresh.clear()
         except Exception as exc:
             log.warning(
                 "kafka_keepalive_failed",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -467,3 +468,109 @@ class TestHalt:
 
         assert sorted(again.snapshot()) == [5, 6, 7, 8, 9]
         assert committed(broker, topic, group) == {0: 10}
+
+
+class TestGroupMembership:
+    @pytest.mark.slow
+    def test_rebalance_never_hands_one_consumer_a_message_twice(
+        self, kafka_brokers: list[TansuBroker], unique: Callable[[str], str]
+    ) -> None:
+        """A second consumer joining mid-stream causes no re-handling."""
+        broker = kafka_brokers[0]
+        topic, group = unique("shipments"), unique("shipments-group")
+        seen = Recorder()
+
+        def handler(name: str) -> Callable[[Any, MessageContext], None]:
+            def handle(message: Any, ctx: MessageContext) -> None:
+                time.sleep(0.01)  # stands for the handler's work
+                seen.add((name, message["n"]))
+
+            return handle
+
+        clients = {"main": kafka_client(broker, topics={"partitions": 4})}
+
+        def config(name: str) -> dict[str, Any]:
+            routing = one_topic_routing(
+                "shipment",
+                "main",
+                handler(name),
+                kafka_topic=topic,
+                options={"group_id": group},
+            )
+            return kafka_system(clients, routing, commit_interval_s=0.2)
+
+        first = init(config("first"))
+        second = None
+        try:
+            producer = first["duct.messaging/producer"]
+
+            async def produce_all() -> list[Any]:
+                return await asyncio.gather(
+                    *(
+                        producer.aproduce({"n": n}, topic="shipment", key=str(n))
+                        for n in range(600)
+                    )
+                )
+
+            receipts = [r for rs in on_loop(first, produce_all()) for r in rs]
+            assert seen.wait_for(20)
+            second = init(config("second"))
+            assert seen.wait_until(
+                lambda items: {n for _, n in items} == set(range(600)), timeout=60
+            )
+        finally:
+            if second is not None:
+                halt(second)
+            halt(first)
+
+        handled = seen.snapshot()
+        assert {name for name, _ in handled} == {"first", "second"}
+        assert Counter(handled).most_common(1)[0][1] == 1
+        assert len(handled) == 600
+        ends: dict[int, int] = {}
+        for receipt in receipts:
+            ends[receipt.partition] = max(
+                ends.get(receipt.partition, 0), receipt.position + 1
+            )
+        assert committed(broker, topic, group, 4) == ends
+
+    @pytest.mark.slow
+    def test_handler_slower_than_max_poll_interval_keeps_the_partition(
+        self, kafka_brokers: list[TansuBroker], unique: Callable[[str], str]
+    ) -> None:
+        """The source keeps polling while a handler outlives `max.poll.interval.ms`."""
+        broker = kafka_brokers[0]
+        topic, group = unique("reports"), unique("reports-group")
+        handled = Recorder()
+
+        def handler(message: Any) -> None:
+            if message["n"] == 1:
+                time.sleep(4.5)  # stands for a report that takes long to build
+            handled.add(message["n"])
+
+        clients = {
+            "main": {
+                "bootstrap_servers": broker.bootstrap_servers,
+                "consumer": {
+                    "session_timeout_ms": 3000,
+                    "heartbeat_interval_ms": 500,
+                    "max_poll_interval_ms": 3000,
+                },
+            }
+        }
+        routing = one_topic_routing(
+            "report", "main", handler, kafka_topic=topic, options={"group_id": group}
+        )
+        with on_event("kafka_partitions_revoked") as revoked:
+            system = init(kafka_system(clients, routing))
+            try:
+                system["duct.messaging/producer"].produce({"n": 1}, topic="report")
+                system["duct.messaging/producer"].produce({"n": 2}, topic="report")
+                assert handled.wait_for(2)
+                revoked_while_running = revoked.snapshot()
+            finally:
+                halt(system)
+
+        assert revoked_while_running == []
+        assert handled.snapshot() == [1, 2]
+        assert committed(broker, topic, group) == {0: 2}
