@@ -15,11 +15,17 @@ instance takes it over when the dead one's lease expires). A SQLite file
 serves a single instance. Failed deliveries are retried with backoff, then
 written to the dead-letter sink; nothing is dropped silently.
 
-Config (`duct.messaging/deferred`)::
+Config (`duct.messaging/deferred`). Settings show their defaults, except
+`store`, which defaults to the SQLite file::
 
     duct.messaging/deferred:
-      producers: !ref duct.messaging/producers
-      store: {url: "postgresql+psycopg://user@db:5432/app"}
+      producers: !ref duct.messaging/producers   # required
+      store:                  # one of url / sqlite / memory
+        url: postgresql+psycopg://app@db:5432/app  # shared by every instance
+        schema: duct_deferred  # tables live here; NOTIFY channel: `channel`
+      # store: {sqlite: var/deferred.sqlite}     # one instance only
+      # store: {memory: true}                    # refused unless allowed
+      allow_memory_store: false
       concurrency: 100        # deliveries this instance runs at once
       lease_s: 15             # an instance that died is taken over after this
       poll_interval_s: 1      # idle instances look for due or orphaned messages
@@ -97,6 +103,7 @@ __all__ = [
     "DeferredPayloadError",
     "DeferredScheduler",
     "DeferredStartError",
+    "Deliver",
     "DeliveryPolicy",
     "DeliveryWindowMissedError",
     "MemoryStoreRefusedError",
@@ -108,7 +115,7 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 #: Sends one message to its targets in order; `send_to_targets` by default.
 Deliver = Callable[
@@ -116,8 +123,8 @@ Deliver = Callable[
     Awaitable[Sequence[Receipt]],
 ]
 
-#: Finished schedules are deleted this often (see `sweep_finished`).
-SWEEP_INTERVAL_S = 60.0
+# Finished schedules are deleted this often (see `sweep_finished`).
+_SWEEP_INTERVAL_S = 60.0
 
 #: How long a cancelled delivery may take to put its message back in the
 #: store while the scheduler stops.
@@ -510,7 +517,7 @@ class DeferredScheduler:
             raise DeferredClosedError(self._state)
         return await self._on_loop(stores.read_pending(store))
 
-    async def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+    async def _on_loop(self, coro: Coroutine[Any, Any, _T]) -> _T:
         loop = self._loop
         if loop is None or self._state != "running":
             coro.close()
@@ -615,7 +622,7 @@ class DeferredScheduler:
 
     async def _sweep_periodically(self) -> None:
         while True:
-            await anyio.sleep(SWEEP_INTERVAL_S)
+            await anyio.sleep(_SWEEP_INTERVAL_S)
             store = self._data_store
             if store is None:
                 continue
@@ -625,7 +632,7 @@ class DeferredScheduler:
                 log.warning(
                     "deferred_sweep_failed",
                     error=repr(exc),
-                    retry_in_s=SWEEP_INTERVAL_S,
+                    retry_in_s=_SWEEP_INTERVAL_S,
                 )
 
     async def _add(
@@ -888,18 +895,18 @@ async def _finish(task: asyncio.Task[None]) -> None:
 
 
 @component("duct.messaging/deferred")
-async def deferred_scheduler(value: Mapping[str, Any]) -> DeferredScheduler:
+async def _scheduler_component(value: Mapping[str, Any]) -> DeferredScheduler:
     """Start the deferred-delivery scheduler a config value describes."""
     scheduler = DeferredScheduler.from_config(value)
     await scheduler.start()
     return scheduler
 
 
-@deferred_scheduler.halt
+@_scheduler_component.halt
 async def _halt_deferred(scheduler: DeferredScheduler) -> None:
     await scheduler.aclose()
 
 
-@deferred_scheduler.check
+@_scheduler_component.check
 def _check_deferred(value: Any, ctx: CheckContext) -> list[str]:
     return list(settings_problems(value))
