@@ -356,11 +356,15 @@ class RedisSource:
         state = self._state
         while state.replay_from is not None:
             batch, dropped = await self._read(state.replay_from, max_messages, None)
+            if not batch and not dropped:
+                state.replay_from = None
+                break
             if batch:
                 state.replay_from = str(batch[-1].position)
-                return await self._with_attempts(batch)
-            if not dropped:  # else: read on past the trimmed entries
-                state.replay_from = None
+            # Entries the runtime still holds are ours already: skip them.
+            again = [d for d in batch if d.position not in state.held]
+            if again:
+                return await self._with_attempts(again)
         if time.monotonic() >= state.next_claim_at:
             state.next_claim_at = time.monotonic() + self._claim_interval_s
             claimed = await self._claim(max_messages)
