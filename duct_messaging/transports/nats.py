@@ -2,8 +2,9 @@
 
 Wire format: the message body is the NATS payload; headers are NATS
 headers, plus `Nats-Msg-Id` set from `x-message-id` so JetStream drops a
-repeated send of the same message within the stream's duplicate window. A
-UTF-8 message key travels in `x-key`.
+repeated send of the same message within the stream's duplicate window (a
+dead letter, or a replay of one, gets an id of its own: see `publish_id`).
+A UTF-8 message key travels in `x-key`.
 
 Config:
 
@@ -57,6 +58,7 @@ import structlog
 from duct_messaging.errors import DuctMessagingError, MissingExtraError
 from duct_messaging.messaging import envelope
 from duct_messaging.messaging.consumer import ConsumerRuntime
+from duct_messaging.messaging.deadletter import HEADER_PREFIX
 from duct_messaging.messaging.retry import RetryPolicy
 from duct_messaging.messaging.routing import Routing, Subscription
 from duct_messaging.system import CheckContext, component
@@ -81,6 +83,9 @@ log = structlog.get_logger(__name__)
 
 TRANSPORT = "nats"
 MSG_ID_HEADER = "Nats-Msg-Id"
+# Set on dead letters sent as messages, and on their replays.
+DEAD_LETTER_ID_HEADER = HEADER_PREFIX + "id"
+REPLAYED_FROM_HEADER = "x-replayed-from"
 DEFAULT_PUBLISH_TIMEOUT_S = 5.0
 DEFAULT_ACK_WAIT_S = 30.0
 DEFAULT_MAX_ACK_PENDING = 1000
@@ -263,10 +268,27 @@ def durable_name(subscription_id: str) -> str:
     return _NAME_FORBIDDEN.sub("_", subscription_id)
 
 
+def publish_id(headers: Mapping[str, str]) -> str | None:
+    """Return the JetStream de-duplication id for a message with `headers`.
+
+    It names one intent to publish: the original produce (its message id),
+    a dead letter of it (the dead letter's id) or a replay of that dead
+    letter. All three keep the original `x-message-id`, and would otherwise
+    be dropped as duplicates when they land in the original's stream.
+    """
+    dead_letter = headers.get(DEAD_LETTER_ID_HEADER)
+    if dead_letter:
+        return f"dead-letter-{dead_letter}"
+    replayed = headers.get(REPLAYED_FROM_HEADER)
+    if replayed:
+        return f"replay-{replayed}"
+    return headers.get(envelope.MESSAGE_ID)
+
+
 def nats_headers(message: OutgoingMessage) -> dict[str, str]:
     """Return the NATS headers of `message`: ours, the key, and `Nats-Msg-Id`."""
     headers = {**message.headers, **key_header(message.key)}
-    message_id = message.headers.get(envelope.MESSAGE_ID)
+    message_id = publish_id(message.headers)
     if message_id:
         headers[MSG_ID_HEADER] = message_id
     return headers

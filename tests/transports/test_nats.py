@@ -222,6 +222,25 @@ class TestPublishing:
         assert inbox.wait_for("dedup", 2)
         assert inbox.of("dedup") == [{"n": 1}, {"n": 2}]
 
+    def test_dead_letter_and_replay_are_not_dropped_as_duplicates(
+        self, names: tuple[str, str], systems: Systems
+    ) -> None:
+        """A dead letter and its replay keep the message id, yet are stored."""
+        system = systems.start(config(names), **{SINK: RecordingSink()})
+        producer = system["duct.messaging/producers"]["main"]
+        target = Target("main", {"subject": f"{names[1]}.orders"})
+        original = {envelope.MESSAGE_ID: uuid.uuid4().hex}
+        dead = {**original, "x-dead-letter-id": "dl-1"}
+        replay = {**original, "x-replayed-from": "dl-1"}
+
+        positions = [
+            on_loop(system, producer.send(target, OutgoingMessage("orders", b"{}", h)))
+            for h in (original, dead, replay, dead)
+        ]
+
+        assert [p.position for p in positions[:3]] == [1, 2, 3]
+        assert positions[3].position == 2  # the same dead letter, sent twice
+
 
 class TestConsuming:
     def test_durable_consumer_is_named_after_the_subscription_and_fully_acked(
