@@ -38,8 +38,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+## Every benchmark; each prints our rate next to the raw client's.
 bench: $(STAMP)
+	bash scripts/services.sh
 	$(BIN)/python bench/kafka_produce_consume.py
+	$(BIN)/python bench/transports.py
+	$(BIN)/python bench/schemas.py
+	$(BIN)/python bench/system_lifecycle.py
+	$(BIN)/python bench/deferred.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
