@@ -398,7 +398,10 @@ class KafkaSource:
             1, thread_name_prefix=f"duct-kafka-{subscription.id}"
         )
         self._consumer: Any = None
-        self._lock = threading.Condition()
+        # A plain lock: claim/finish take it once per message.
+        self._lock = threading.Lock()
+        # Signalled when a claim ends while a revocation waits.
+        self._settled = threading.Condition(self._lock)
         self._offsets: dict[int, _PartitionOffsets] = {}
         # Bumped per partition on revocation: deliveries fetched before
         # belong to an old assignment; their claims fail and acks are ignored.
@@ -537,17 +540,23 @@ class KafkaSource:
     def finish(self, delivery: Delivery, *, finished: bool) -> None:
         """End a claim; a finished delivery's offset becomes committable at once."""
         partition = delivery.partition or 0
+        handle = delivery.handle
         with self._lock:
-            key = (partition, delivery.handle)
+            key = (partition, handle)
             count = self._claims.get(key, 0)
             if count > 1:
                 self._claims[key] = count - 1
             elif count == 1:
                 del self._claims[key]
-            if finished:
-                self._mark_finished(delivery)
+            if finished and (
+                handle == self._generations.get(partition, 0)
+                or handle == self._revoking.get(partition)
+            ):
+                book = self._offsets.get(partition)
+                if book is not None:
+                    book.pending.discard(delivery.position)
             if self._revoking:
-                self._lock.notify_all()
+                self._settled.notify_all()
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Mark `deliveries` finished; their offsets become committable."""
@@ -706,7 +715,7 @@ class KafkaSource:
                 generation = self._generations.get(partition, 0)
                 self._revoking[partition] = generation
                 self._generations[partition] = generation + 1
-            if not self._closing and not self._lock.wait_for(
+            if not self._closing and not self._settled.wait_for(
                 lambda: (
                     not any(self._claims.get((p, self._revoking[p])) for p in revoked)
                 ),
