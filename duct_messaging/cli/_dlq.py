@@ -192,6 +192,11 @@ def _start(args: argparse.Namespace, keys: list[str]) -> System | None:
                 f"{args.config} has no dead-letter store; add "
                 "duct.deadletter/storage or duct.deadletter/postgres",
             )
+        elif any(repr(PRODUCER_KEY) in problem for problem in exc.problems):
+            _fail(
+                args,
+                f"{args.config} has no {PRODUCER_KEY}; replay sends through it",
+            )
         else:
             _fail(args, str(exc))
         return None

@@ -46,6 +46,10 @@ class Poison(DuctMessagingError):
     """A message that can never be handled: undecodable or schema-invalid."""
 
 
+# Dead letters record the error type by its path; keep the public one.
+Poison.__module__ = "duct_messaging.messaging.consumer"
+
+
 @dataclass(slots=True)
 class MessageContext:
     """What a handler may know about the message it handles.

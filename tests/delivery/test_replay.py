@@ -136,16 +136,3 @@ def test_replay_sends_eligible_dead_letters_back_and_skips_poison(
     assert set(origins.values()) == {i for i, s in statuses.items() if s == "replayed"}
     assert again == 1
     assert missing == ["not found nope", "replayed 0, skipped 0 (poison 0), failed 0"]
-
-
-def test_config_without_a_store_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """`dlq list` on a config with no dead-letter store explains what to add."""
-    path = tmp_path / "system.yaml"
-    path.write_text("duct.deadletter/logger: {}\n")
-
-    code = main(["dlq", "list", str(path)])
-
-    assert code == 2
-    assert "has no dead-letter store" in capsys.readouterr().err
