@@ -98,6 +98,7 @@ from duct_messaging.transports.base import (
 __all__ = [
     "DeferredClosedError",
     "DeferredConfigError",
+    "DeferredLoopError",
     "DeferredNotConfiguredError",
     "DeferredOptionError",
     "DeferredPayloadError",
@@ -170,6 +171,17 @@ class DeferredClosedError(DuctMessagingError, RuntimeError):
         super().__init__(
             f"Deferred scheduler not running: it is {state}. Call it between "
             "start() and aclose() (the component does both)."
+        )
+
+
+class DeferredLoopError(DuctMessagingError, RuntimeError):
+    """Raised when `schedule_blocking` is called on the scheduler's own loop."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "schedule_blocking() was called on the event loop the deferred "
+            "scheduler runs on, where it would block forever. Use "
+            "'await scheduler.schedule(...)' there."
         )
 
 
@@ -497,14 +509,15 @@ class DeferredScheduler:
     ) -> str:
         """Call `schedule` from a thread that is not the scheduler's loop.
 
-        Blocks until the message is stored. Raises `DeferredClosedError`
-        when called on the scheduler's own loop, where it would block forever.
+        Blocks until the message is stored (or `timeout_s` passed). Raises
+        `DeferredLoopError` when called on the scheduler's own loop, where it
+        would block forever, and `DeferredClosedError` when not running.
         """
         loop = self._loop
         if loop is None or self._state != "running":
             raise DeferredClosedError(self._state)
         if _running_loop() is loop:
-            raise DeferredClosedError("on this thread's loop; await schedule()")
+            raise DeferredLoopError()
         future = asyncio.run_coroutine_threadsafe(
             self.schedule(message, targets, due), loop
         )

@@ -14,6 +14,7 @@ import structlog
 from duct_messaging.messaging.deadletter import DeadLetterStatus
 from duct_messaging.messaging.deferred import (
     DeferredClosedError,
+    DeferredLoopError,
     DeferredOptionError,
     DeferredPayloadError,
     DeferredScheduler,
@@ -306,7 +307,7 @@ class TestLifecycle:
 
         assert len(ids) == 2
         assert len(await producer.wait_for(2)) == 2
-        with pytest.raises(DeferredClosedError, match="await schedule"):
+        with pytest.raises(DeferredLoopError, match="would block forever"):
             scheduler.schedule_blocking(make_message(), [Target("rec")], soon())
 
     async def test_several_instances_create_the_schema_together(
