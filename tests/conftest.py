@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import structlog
 
 from duct_messaging.testing.tansu import TansuBroker
 
@@ -20,6 +21,14 @@ KAFKA_TEST_CONSUMER: dict[str, Any] = {
     "session_timeout_ms": 6000,
     "heartbeat_interval_ms": 500,
 }
+
+
+@pytest.fixture(autouse=True)
+def _restore_structlog() -> Iterator[None]:
+    """Undo logging set-up a test did (the CLI configures structlog globally)."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture(scope="session")
