@@ -3,8 +3,10 @@
 Components (named in config.yaml / config.kafka.yaml):
 - `orders_app/tracker`: records which orders each subscription received.
 - `orders_app/primary_handler`, `orders_app/data_handler`: the handlers.
+- `orders_app/reminder_handler`: receives the deferred payment reminders.
 - `orders_app/driver`: publishes a batch of orders once the system is up,
-  then stops the service when every subscription has seen every order.
+  and for each a payment reminder deferred by a few seconds; stops the
+  service when every subscription has seen every order and reminder.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import threading
 import uuid
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from duct_messaging import request_stop
@@ -65,6 +68,24 @@ primary_handler = _handler
 data_handler = _handler
 
 
+def reminder_handler(
+    value: Mapping[str, Any],
+) -> Callable[[dict[str, Any], MessageContext], None]:
+    seen: Tracker = value["tracker"]
+
+    def on_reminder(reminder: dict[str, Any], ctx: MessageContext) -> None:
+        due = datetime.fromisoformat(reminder["due_at"])
+        late_ms = (datetime.now(UTC) - due).total_seconds() * 1000
+        print(
+            f"[payment-reminders] reminder for order {reminder['order_id']} "
+            f"arrived {late_ms:.0f} ms after its due time ({ctx.destination})",
+            flush=True,
+        )
+        seen.record("payment-reminders", reminder["order_id"])
+
+    return on_reminder
+
+
 async def driver(value: Mapping[str, Any]) -> asyncio.Task[None]:
     """Publish the orders in the background once everything has started."""
     return asyncio.get_running_loop().create_task(_drive(value))
@@ -82,6 +103,15 @@ async def _drive(value: Mapping[str, Any]) -> None:
         )
         where = ", ".join(f"{r.client}/{r.destination}" for r in receipts)
         print(f"published order {order_id} to {where}", flush=True)
+        delay_ms = value["reminder_delay_ms"]
+        due = datetime.now(UTC) + timedelta(milliseconds=delay_ms)
+        await producer.aproduce(
+            {"order_id": order_id, "due_at": due.isoformat()},
+            topic="payment-reminder",
+            key=order_id,
+            deliver_at_time=due,
+        )
+    print(f"scheduled {len(ids)} payment reminders, due in {delay_ms} ms", flush=True)
     loop = asyncio.get_running_loop()
     ok = await loop.run_in_executor(None, seen.wait_for, ids, value["timeout_s"])
     if ok:
