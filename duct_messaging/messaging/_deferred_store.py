@@ -21,13 +21,14 @@ from typing import Any
 
 import anyio
 import psycopg
-from apscheduler import Event, Job, JobAdded, Schedule, ScheduleAdded
+from apscheduler import ConflictPolicy, Event, Job, JobAdded, Schedule, ScheduleAdded
 from apscheduler.abc import DataStore, EventBroker
 from apscheduler.datastores.memory import MemoryDataStore
 from apscheduler.datastores.sqlalchemy import SQLAlchemyDataStore
 from apscheduler.eventbrokers.local import LocalEventBroker
 from apscheduler.eventbrokers.psycopg import PsycopgEventBroker
 from apscheduler.serializers.json import JSONSerializer
+from apscheduler.triggers.date import DateTrigger
 from sqlalchemy import Engine, create_engine, exists
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -292,6 +293,33 @@ async def schema_lock(spec: StoreSpec) -> AsyncIterator[None]:
 def _lock_key(name: str) -> int:
     digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+async def add_message(
+    store: DataStore,
+    item: payload.DeferredMessage,
+    schedule_id: str,
+    document: str,
+    conflict: ConflictPolicy,
+) -> None:
+    """Store `document` (the encoding of `item`) to run at `item.run_at`.
+
+    `conflict` says what happens when `schedule_id` is already stored.
+    """
+    trigger = DateTrigger(item.run_at)
+    options: dict[str, Any] = {
+        "kwargs": {DOCUMENT_ARG: document},
+        # Never let APScheduler skip a late job: lateness is ours to
+        # judge (grace_s), and a skipped job would vanish without trace.
+        "misfire_grace_time": None,
+        "job_executor": "async",
+        "job_result_expiration_time": 0,
+    }
+    schedule = Schedule(
+        id=schedule_id, task_id=task_for(item.id), trigger=trigger, **options
+    )
+    schedule.next_fire_time = trigger.next()
+    await store.add_schedule(schedule, conflict)
 
 
 async def sweep_finished(store: DataStore) -> None:

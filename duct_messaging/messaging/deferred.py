@@ -41,25 +41,15 @@ import asyncio
 import math
 import os
 import platform
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from contextlib import AsyncExitStack, suppress
-from dataclasses import replace
+from collections.abc import Coroutine, Mapping, Sequence
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
-from uuid import UUID, uuid4, uuid5
+from uuid import uuid4
 
-import anyio
 import structlog
-from apscheduler import (
-    AsyncScheduler,
-    ConflictPolicy,
-    JobAdded,
-    Schedule,
-    ScheduleUpdated,
-    current_job,
-)
+from apscheduler import ConflictPolicy
 from apscheduler.abc import DataStore
-from apscheduler.triggers.date import DateTrigger
 
 from duct_messaging.errors import DuctMessagingError
 from duct_messaging.messaging import _deferred_store as stores
@@ -70,30 +60,18 @@ from duct_messaging.messaging._deferred_config import (
     MemoryStoreRefusedError,
     settings_problems,
 )
+from duct_messaging.messaging._deferred_delivery import Courier, Deliver
 from duct_messaging.messaging._deferred_payload import (
     DeferredMessage,
     DeferredPayloadError,
-    StoredError,
-    decode,
     encode,
 )
+from duct_messaging.messaging._deferred_runner import SchedulerRunner
 from duct_messaging.messaging._deferred_store import PendingMessage, StoreSpec
-from duct_messaging.messaging.deadletter import (
-    DeadLetter,
-    DeadLetterSink,
-    DeadLetterStatus,
-    LoggerSink,
-    error_details,
-    utcnow,
-)
+from duct_messaging.messaging.deadletter import DeadLetterSink, LoggerSink, utcnow
 from duct_messaging.messaging.producer import merge_registries, send_to_targets
 from duct_messaging.system import CheckContext, component
-from duct_messaging.transports.base import (
-    OutgoingMessage,
-    Receipt,
-    Target,
-    TransportProducer,
-)
+from duct_messaging.transports.base import OutgoingMessage, Target, TransportProducer
 
 __all__ = [
     "DeferredClosedError",
@@ -117,22 +95,6 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
-
-#: Sends one message to its targets in order; `send_to_targets` by default.
-Deliver = Callable[
-    [Mapping[str, TransportProducer], OutgoingMessage, Sequence[Target]],
-    Awaitable[Sequence[Receipt]],
-]
-
-# Finished schedules are deleted this often (see `sweep_finished`).
-_SWEEP_INTERVAL_S = 60.0
-
-#: How long a cancelled delivery may take to put its message back in the
-#: store while the scheduler stops.
-_REQUEUE_TIMEOUT_S = 5.0
-
-_WAKE_UP_ID = "duct.messaging/deferred:wake-up"
-_DEAD_LETTER_IDS = UUID("5d1f0c8e-3b6a-4f7e-9a51-2c64d8e0b7a3")
 
 
 class DeferredNotConfiguredError(DuctMessagingError, RuntimeError):
@@ -366,14 +328,10 @@ class DeferredScheduler:
         self._deliver: Deliver = deliver or send_to_targets
 
         self._state = "new"
-        self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: asyncio.Task[None] | None = None
+        self._runner: SchedulerRunner | None = None
+        self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._inflight = 0
-        self._data_store: DataStore | None = None
 
     @classmethod
     def from_config(cls, value: Mapping[str, Any]) -> DeferredScheduler:
@@ -416,18 +374,27 @@ class DeferredScheduler:
             raise DeferredClosedError(self._state)
         self._loop = asyncio.get_running_loop()
         self._state = "starting"
+        self._runner = SchedulerRunner(
+            self.store,
+            self.identity,
+            self._courier,
+            concurrency=self.concurrency,
+            lease_s=self.lease_s,
+            poll_interval_s=self.poll_interval_s,
+            halt_timeout_s=self.halt_timeout_s,
+        )
         ready: asyncio.Future[None] = self._loop.create_future()
-        self._runner = asyncio.create_task(
-            self._run(ready), name=f"deferred scheduler {self.identity}"
+        self._task = asyncio.create_task(
+            self._run(self._runner, ready), name=f"deferred scheduler {self.identity}"
         )
 
         try:
             await asyncio.wait_for(asyncio.shield(ready), timeout_s)
         except BaseException as exc:
             self._stop.set()
-            self._runner.cancel()
+            self._task.cancel()
             with suppress(BaseException):
-                await self._runner
+                await self._task
             self._state = "closed"
             if isinstance(exc, TimeoutError):
                 raise DeferredStartError(self.store.describe(), timeout_s) from exc
@@ -449,8 +416,8 @@ class DeferredScheduler:
         the store, to be delivered after the next start (possibly twice, if
         the broker had already accepted them).
         """
-        runner = self._runner
-        if runner is None or self._state == "closed":
+        task = self._task
+        if task is None or self._state == "closed":
             self._state = "closed"
             return
         assert self._loop is not None
@@ -458,10 +425,10 @@ class DeferredScheduler:
 
         if _running_loop() is self._loop:
             self._stop.set()
-            await _finish(runner)
+            await _finish(task)
         else:
             self._loop.call_soon_threadsafe(self._stop.set)
-            future = asyncio.run_coroutine_threadsafe(_finish(runner), self._loop)
+            future = asyncio.run_coroutine_threadsafe(_finish(task), self._loop)
             await asyncio.wrap_future(future)
         self._state = "closed"
         log.info("deferred_scheduler_stopped", identity=self.identity)
@@ -487,9 +454,7 @@ class DeferredScheduler:
         item = DeferredMessage.new(message, targets, due)
         document = encode(item)
 
-        await self._on_loop(
-            self._add(item, item.id, document, ConflictPolicy.exception)
-        )
+        await self._on_loop(self._add(item, document))
         log.debug(
             "deferred_scheduled",
             deferred_id=item.id,
@@ -525,10 +490,7 @@ class DeferredScheduler:
 
     async def pending(self) -> list[PendingMessage]:
         """Return the messages stored and not delivered yet, by due time."""
-        store = self._data_store
-        if store is None:
-            raise DeferredClosedError(self._state)
-        return await self._on_loop(stores.read_pending(store))
+        return await self._on_loop(stores.read_pending(self._data_store()))
 
     async def _on_loop(self, coro: Coroutine[Any, Any, _T]) -> _T:
         loop = self._loop
@@ -540,22 +502,11 @@ class DeferredScheduler:
         future = asyncio.run_coroutine_threadsafe(coro, loop)
         return await asyncio.wrap_future(future)
 
-    async def _run(self, ready: asyncio.Future[None]) -> None:
-        # One task owns the scheduler from start to stop, because APScheduler
-        # runs on AnyIO task groups, which must be exited by the task that
-        # entered them; start() and aclose() usually run in different tasks.
+    async def _run(self, runner: SchedulerRunner, ready: asyncio.Future[None]) -> None:
+        # One task owns the runner from start to stop (see its `run`), because
+        # start() and aclose() usually run in different tasks.
         try:
-            async with AsyncExitStack() as stack:
-                scheduler = await self._open(stack)
-                async with anyio.create_task_group() as housekeeping:
-                    housekeeping.start_soon(self._wake_periodically, scheduler)
-                    housekeeping.start_soon(self._sweep_periodically)
-                    ready.set_result(None)
-                    await self._stop.wait()
-                    await self._drain(scheduler)
-                    housekeeping.cancel_scope.cancel()
-                # Leaving the stack stops the scheduler: deliveries still
-                # running are cancelled and put back (see _run_job).
+            await runner.run(ready, self._stop)
         except BaseException as exc:
             if not ready.done():
                 if isinstance(exc, Exception):
@@ -572,304 +523,27 @@ class DeferredScheduler:
                 error=repr(exc),
                 exc_info=exc,
             )
-        finally:
-            self._data_store = None
 
-    async def _open(self, stack: AsyncExitStack) -> AsyncScheduler:
-        opened = stores.open_store(self.store, stack)
-        # Built from a plain dict: APScheduler's attrs converters accept None
-        # for these, its annotations do not.
-        options: dict[str, Any] = {
-            "identity": self.identity,
-            "max_concurrent_jobs": self.concurrency,
-            # Off: APScheduler's clean-up deletes the jobs of dead instances
-            # instead of handing them over; see stores.sweep_finished.
-            "cleanup_interval": None,
-            "lease_duration": timedelta(seconds=self.lease_s),
-            "logger": stores.APSCHEDULER_LOG,
-        }
-        scheduler = AsyncScheduler(opened.data_store, opened.event_broker, **options)
-        async with stores.schema_lock(self.store):
-            await stack.enter_async_context(scheduler)
-            # No cluster-wide cap (APScheduler's default is 1): its running
-            # count is never given back for jobs of an instance that was
-            # killed, so a cap would shrink with every crash until nothing
-            # runs. `concurrency` bounds each instance instead.
-            for task_id in stores.task_ids():
-                await scheduler.configure_task(
-                    task_id,
-                    func=self._run_job,
-                    job_executor="async",
-                    max_running_jobs=None,
-                    misfire_grace_time=None,
-                )
-        await scheduler.start_in_background()
-        self._data_store = opened.data_store
-        return scheduler
+    def _courier(self, store: DataStore) -> Courier:
+        return Courier(
+            store,
+            self.producers,
+            deliver=self._deliver,
+            policy=self.delivery,
+            deadletter=self.deadletter,
+            grace_s=self.grace_s,
+        )
 
-    async def _drain(self, scheduler: AsyncScheduler) -> None:
-        self._closing = True
-        # Zero capacity: the job loop stops acquiring, the rest keeps running.
-        scheduler.max_concurrent_jobs = 0
-        with anyio.move_on_after(self.halt_timeout_s):
-            await self._idle.wait()
-
-    async def _wake_periodically(self, scheduler: AsyncScheduler) -> None:
-        # APScheduler 4.0.0a6 looks for due schedules and jobs only when an
-        # event wakes it. A message held by an instance that died is free
-        # again once its lease expires, but no event says so; these local
-        # events make this instance look again.
-        broker = scheduler.event_broker
-        while True:
-            await anyio.sleep(self.poll_interval_s)
-            await broker.publish_local(
-                JobAdded(job_id=uuid4(), task_id=stores.TASK_ID, schedule_id=None)
-            )
-            await broker.publish_local(
-                ScheduleUpdated(
-                    schedule_id=_WAKE_UP_ID,
-                    task_id=stores.TASK_ID,
-                    next_fire_time=utcnow(),
-                )
-            )
-
-    async def _sweep_periodically(self) -> None:
-        while True:
-            await anyio.sleep(_SWEEP_INTERVAL_S)
-            store = self._data_store
-            if store is None:
-                continue
-            try:
-                await stores.sweep_finished(store)
-            except Exception as exc:
-                log.warning(
-                    "deferred_sweep_failed",
-                    error=repr(exc),
-                    retry_in_s=_SWEEP_INTERVAL_S,
-                )
-
-    async def _add(
-        self,
-        item: DeferredMessage,
-        schedule_id: str,
-        document: str,
-        conflict: ConflictPolicy,
-    ) -> None:
-        store = self._data_store
+    def _data_store(self) -> DataStore:
+        store = self._runner.data_store if self._runner else None
         if store is None:
             raise DeferredClosedError(self._state)
-        trigger = DateTrigger(item.run_at)
-        options: dict[str, Any] = {
-            "kwargs": {stores.DOCUMENT_ARG: document},
-            # Never let APScheduler skip a late job: lateness is ours to
-            # judge (grace_s), and a skipped job would vanish without trace.
-            "misfire_grace_time": None,
-            "job_executor": "async",
-            "job_result_expiration_time": 0,
-        }
-        schedule = Schedule(
-            id=schedule_id, task_id=stores.task_for(item.id), trigger=trigger, **options
+        return store
+
+    async def _add(self, item: DeferredMessage, document: str) -> None:
+        await stores.add_message(
+            self._data_store(), item, item.id, document, ConflictPolicy.exception
         )
-        schedule.next_fire_time = trigger.next()
-        await store.add_schedule(schedule, conflict)
-
-    async def _store_again(self, item: DeferredMessage, schedule_id: str) -> None:
-        # Retries and put-backs use ids derived from the job, so storing the
-        # same one twice (a job re-run after its lease expired) is harmless.
-        await self._add(item, schedule_id, encode(item), ConflictPolicy.do_nothing)
-
-    async def _run_job(self, deferred: str) -> None:
-        job_id: UUID = current_job.get().id
-        try:
-            item = decode(deferred)
-        except DeferredPayloadError as exc:
-            await self._dead_letter_unreadable(deferred, exc)
-            return
-        if self._closing:
-            await self._put_back(item, job_id)
-            return
-
-        self._inflight += 1
-        self._idle.clear()
-        try:
-            await self._attempt(item)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._put_back(item, job_id)
-            raise
-        finally:
-            self._inflight -= 1
-            if not self._inflight:
-                self._idle.set()
-
-    async def _attempt(self, item: DeferredMessage) -> None:
-        policy = self.delivery
-        if item.attempt > policy.max_attempts and item.last_error is not None:
-            # An earlier dead-letter write failed; try only that again.
-            await self._dead_letter(item, item.last_error, policy.max_attempts)
-            return
-
-        late_s = (utcnow() - item.run_at).total_seconds()
-        if self.grace_s is not None and late_s > self.grace_s:
-            missed = DeliveryWindowMissedError(
-                item.id, item.run_at, late_s, self.grace_s
-            )
-            await self._dead_letter(item, _stored(missed), item.attempt - 1)
-            return
-
-        try:
-            receipts = await self._deliver(self.producers, item.message, item.targets)
-        except Exception as exc:
-            await self._failed(item, exc)
-            return
-
-        log.debug(
-            "deferred_delivered",
-            deferred_id=item.id,
-            topic=item.message.topic,
-            message_id=item.message.headers.get("x-message-id"),
-            attempt=item.attempt,
-            late_s=round(late_s, 4),
-            receipts=len(receipts),
-        )
-
-    async def _failed(self, item: DeferredMessage, exc: Exception) -> None:
-        # A PublishError says which targets were sent; retry only the rest.
-        sent = getattr(exc, "sent", None)
-        remaining = item.targets
-        if isinstance(sent, tuple | list) and len(sent) < len(item.targets):
-            remaining = item.targets[len(sent) :]
-        # Record the broker's own error rather than its PublishError wrapper.
-        cause = exc.__cause__ if sent is not None and exc.__cause__ else exc
-        error = _stored(cause)
-
-        if item.attempt >= self.delivery.max_attempts:
-            await self._dead_letter(
-                replace(item, targets=remaining), error, item.attempt
-            )
-            return
-
-        delay_s = self.delivery.delay_s(item.attempt)
-        retry = item.next_attempt(
-            utcnow() + timedelta(seconds=delay_s), remaining, error
-        )
-        await self._store_again(retry, f"{item.id}.{retry.attempt}")
-        log.warning(
-            "deferred_delivery_retry",
-            deferred_id=item.id,
-            topic=item.message.topic,
-            message_id=item.message.headers.get("x-message-id"),
-            attempt=item.attempt,
-            max_attempts=self.delivery.max_attempts,
-            delay_s=delay_s,
-            error=error.message,
-            error_type=error.type,
-        )
-
-    async def _dead_letter(
-        self, item: DeferredMessage, error: StoredError, attempts: int
-    ) -> None:
-        target = item.targets[0] if item.targets else None
-        letter = DeadLetter(
-            body=item.message.body,
-            headers=dict(item.message.headers),
-            topic=item.message.topic,
-            subscription="",
-            client=target.client if target else "",
-            source="deferred",
-            destination=self._destination(target, item.message.topic),
-            attempts=attempts,
-            status=DeadLetterStatus.ELIGIBLE,
-            error_type=error.type,
-            error_message=error.message,
-            error_traceback=error.traceback,
-            first_failure_at=item.first_failure_at or error.at,
-            last_failure_at=error.at,
-            key=item.message.key,
-            # One id per deferred message: a store keeps it once even when
-            # the write is repeated (a sink timeout, a job run twice).
-            id=uuid5(_DEAD_LETTER_IDS, item.id).hex,
-        )
-        try:
-            await self.deadletter.write(letter)
-        except Exception as exc:
-            await self._park(item, error, exc)
-            return
-
-        log.error(
-            "deferred_dead_lettered",
-            deferred_id=item.id,
-            topic=item.message.topic,
-            message_id=item.message.headers.get("x-message-id"),
-            attempts=attempts,
-            error_type=error.type,
-            error=error.message,
-        )
-
-    async def _park(
-        self, item: DeferredMessage, error: StoredError, exc: Exception
-    ) -> None:
-        # The sink failed: keep the message stored and try the sink again
-        # later, rather than losing it.
-        delay_s = self.delivery.backoff_max_s
-        parked = replace(
-            item,
-            attempt=max(item.attempt, self.delivery.max_attempts) + 1,
-            run_at=utcnow() + timedelta(seconds=delay_s),
-            first_failure_at=item.first_failure_at or error.at,
-            last_error=error,
-        )
-        await self._store_again(parked, f"{item.id}.{parked.attempt}")
-        log.error(
-            "deferred_dead_letter_failed",
-            deferred_id=item.id,
-            topic=item.message.topic,
-            error=repr(exc),
-            retry_in_s=delay_s,
-        )
-
-    async def _put_back(self, item: DeferredMessage, job_id: UUID) -> None:
-        with anyio.move_on_after(_REQUEUE_TIMEOUT_S) as scope:
-            await self._store_again(item, f"{item.id}.{item.attempt}.{job_id.hex}")
-        if scope.cancelled_caught:
-            # The job stays leased; another instance re-runs it once the
-            # lease expires, unless the release below still reaches the store.
-            log.error("deferred_put_back_failed", deferred_id=item.id)
-            return
-        log.debug("deferred_put_back", deferred_id=item.id, attempt=item.attempt)
-
-    async def _dead_letter_unreadable(
-        self, document: str, exc: DeferredPayloadError
-    ) -> None:
-        now = utcnow()
-        kind, text, trace = error_details(exc)
-        letter = DeadLetter(
-            body=document.encode(),
-            headers={},
-            topic="",
-            subscription="",
-            client="",
-            source="deferred",
-            destination="",
-            attempts=0,
-            status=DeadLetterStatus.POISON,
-            error_type=kind,
-            error_message=text,
-            error_traceback=trace,
-            first_failure_at=now,
-            last_failure_at=now,
-        )
-        await self.deadletter.write(letter)
-        log.error("deferred_unreadable", error=text)
-
-    def _destination(self, target: Target | None, topic: str) -> str:
-        producer = self.producers.get(target.client) if target else None
-        if target is None or producer is None:
-            return ""
-        try:
-            return producer.destination(target, topic)
-        except Exception:
-            return ""
 
 
 async def list_pending(
@@ -887,11 +561,6 @@ async def list_pending(
             ["store.memory: an in-memory store can only be read by its own process"]
         )
     return await stores.list_pending(spec)
-
-
-def _stored(exc: BaseException) -> StoredError:
-    kind, text, trace = error_details(exc)
-    return StoredError(type=kind, message=text, traceback=trace, at=utcnow())
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

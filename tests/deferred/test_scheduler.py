@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import structlog
+from apscheduler import ConflictPolicy
+from apscheduler.eventbrokers.local import LocalEventBroker
 
+from duct_messaging.messaging import _deferred_store as stores
+from duct_messaging.messaging._deferred_payload import DeferredMessage
 from duct_messaging.messaging.deadletter import DeadLetterStatus
 from duct_messaging.messaging.deferred import (
     DeferredClosedError,
@@ -48,6 +53,20 @@ async def schedulers(pg_store: dict[str, Any]) -> AsyncIterator[Factory]:
 
 def soon(seconds: float = 0.3) -> datetime:
     return datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+async def store_document(store: dict[str, Any], document: str) -> None:
+    """Store `document` as a message due now, through a handle of its own."""
+    spec = stores.parse_store(store)
+    item = DeferredMessage.new(make_message(), [Target("rec")], soon(0))
+    async with AsyncExitStack() as stack:
+        opened = stores.open_store(spec, stack)
+        broker = LocalEventBroker()
+        await broker.start(stack, stores.APSCHEDULER_LOG)
+        await opened.data_store.start(stack, broker, stores.APSCHEDULER_LOG)
+        await stores.add_message(
+            opened.data_store, item, item.id, document, ConflictPolicy.exception
+        )
 
 
 class TestDelivery:
@@ -227,6 +246,28 @@ class TestFailures:
         assert letter.attempts == 0
         assert letter.error_type.endswith("DeliveryWindowMissedError")
         assert "beyond grace_s=2" in letter.error_message
+
+    async def test_unreadable_document_is_dead_lettered_as_poison(
+        self, schedulers: Factory, pg_store: dict[str, Any]
+    ) -> None:
+        """A stored document this code cannot read reaches the sink as poison."""
+        producer = ListProducer()
+        sink = ListSink()
+        scheduler = schedulers({"rec": producer}, deadletter=sink)
+        await scheduler.start()
+        document = '{"v": 999, "id": "from-the-future"}'
+
+        with structlog.testing.capture_logs() as logs:
+            await store_document(pg_store, document)
+            [letter] = await sink.wait_for(1)
+
+        assert letter.status == DeadLetterStatus.POISON
+        assert letter.body == document.encode()
+        assert (letter.topic, letter.source, letter.attempts) == ("", "deferred", 0)
+        assert letter.error_type.endswith("DeferredPayloadError")
+        assert letter.first_failure_at == letter.last_failure_at
+        assert producer.calls == 0
+        assert "deferred_unreadable" in [e["event"] for e in logs]
 
 
 class TestLifecycle:
