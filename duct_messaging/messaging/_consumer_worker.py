@@ -6,6 +6,10 @@ a source without partitions): a head waiting out its back-off holds only
 its lane, and the worker goes on fetching and handling the others. With
 `concurrency > 1` each delivery runs as its own task, at most `concurrency`
 attempts at a time.
+
+Settling: what finished is acknowledged; a delivery whose dead letter was
+written goes to the source's `reject` instead, when the source has one
+(RabbitMQ, NATS), so the broker can route or drop it as dead.
 """
 
 from __future__ import annotations
@@ -213,13 +217,15 @@ class SubscriptionWorker:
         # Deliveries whose handler (or dead-letter write) is running now;
         # only one thread at a time runs steps, so a plain counter will do.
         self._running = 0
-        # Finished deliveries not acknowledged yet, by id(); a tracking
-        # source is told at once instead.
+        # Finished deliveries not acknowledged (or rejected) yet, by id(); a
+        # tracking source is told at once instead.
         self._unsettled: dict[int, Delivery] = {}
+        self._unsettled_dead: dict[int, Delivery] = {}
         self._sink_failed = False
         self._claim: Callable[[Delivery], bool] | None = getattr(source, "claim", None)
         self._finish_hook: Callable[..., None] | None = getattr(source, "finish", None)
         self._can_pause = hasattr(source, "pause") and hasattr(source, "resume")
+        self._can_reject = hasattr(source, "reject")
 
     async def start(self, timeout: float = DEFAULT_START_TIMEOUT_S) -> None:
         """Start the source, then the fetch loop; return once subscribed."""
@@ -252,7 +258,7 @@ class SubscriptionWorker:
                 self.stats.abandoned = self._running
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-                await self._ack_unsettled()
+                await self._settle_unsettled()
         self._executor.shutdown(wait=False, cancel_futures=True)
         await self.source.stop()
         return self.stats
@@ -321,6 +327,7 @@ class SubscriptionWorker:
         hook = self._finish_hook
         unsettled = self._unsettled
         pipeline = self.pipeline
+        attempt = pipeline.sync_attempt()
         while not halting.is_set():
             lane = self._lanes.next_ready()
             if lane is None:
@@ -341,7 +348,7 @@ class SubscriptionWorker:
                         other.extend(self._buried(lane, opened, written))
                         continue
                     job = lane.job = opened
-                step = pipeline.attempt_sync(job)
+                step = attempt(job)
                 if step is None:
                     self._running -= 1
                     queue.popleft()
@@ -484,7 +491,7 @@ class SubscriptionWorker:
         delivery = lane.queue[0]
         if written:
             lane.pop()
-            self._finished(delivery, finished=True)
+            self._finished(delivery, finished=True, dead=True)
             return [Outcome(delivery, Status.DEAD, dead_letter)]
         # The sink failed: this delivery and everything queued behind it in
         # its lane come again, so the lane's order is kept.
@@ -508,9 +515,16 @@ class SubscriptionWorker:
             work = self._buried(lane, work, await self._write_dead_letter(work))
         return work
 
-    def _finished(self, delivery: Delivery, *, finished: bool) -> None:
+    def _finished(
+        self, delivery: Delivery, *, finished: bool, dead: bool = False
+    ) -> None:
+        rejected = dead and self._can_reject
         if self._finish_hook is not None:
-            self._finish_hook(delivery, finished=finished)
+            # A dead delivery of a rejecting source is settled by `reject`
+            # (in `_settle`): the hook only ends its claim.
+            self._finish_hook(delivery, finished=finished and not rejected)
+        elif rejected:
+            self._unsettled_dead[id(delivery)] = delivery
         elif finished:
             self._unsettled[id(delivery)] = delivery
 
@@ -579,11 +593,18 @@ class SubscriptionWorker:
     async def _settle(
         self, outcomes: Sequence[Outcome], done: Sequence[Delivery] = ()
     ) -> None:
-        """Acknowledge what finished (`done` handled too), release the rest."""
+        """Acknowledge what finished (`done` handled too), release the rest.
+
+        Dead-lettered deliveries are rejected instead when the source can
+        reject; that holds for a tracking source too, whose `finish` hook
+        did not acknowledge them.
+        """
         if not outcomes and not done:
             return
         finished: list[Delivery] = list(done)
+        dead: list[Delivery] = []
         released: list[Delivery] = []
+        can_reject = self._can_reject
         stats = self.stats
         stats.handled += len(done)
         for outcome in outcomes:
@@ -593,12 +614,14 @@ class SubscriptionWorker:
                 finished.append(outcome.delivery)
             elif status is Status.DEAD:
                 stats.dead_lettered += 1
-                finished.append(outcome.delivery)
+                (dead if can_reject else finished).append(outcome.delivery)
             elif status is Status.RELEASED:
                 stats.released += 1
                 released.append(outcome.delivery)
             else:
                 stats.dropped += 1
+        if dead:
+            await self._reject(dead)
         if finished and self._finish_hook is None:
             await self._ack(finished)
         await self._release(released)
@@ -617,7 +640,24 @@ class SubscriptionWorker:
         for delivery in deliveries:
             self._unsettled.pop(id(delivery), None)
 
-    async def _ack_unsettled(self) -> None:
+    async def _reject(self, deliveries: Sequence[Delivery]) -> None:
+        try:
+            await self.source.reject(deliveries)  # type: ignore[attr-defined]
+        except Exception as exc:
+            log.warning(
+                "reject_failed_continuing",
+                subscription=self.subscription.id,
+                count=len(deliveries),
+                error=repr(exc),
+                next="the messages come again and are dead-lettered again",
+            )
+        for delivery in deliveries:
+            self._unsettled_dead.pop(id(delivery), None)
+
+    async def _settle_unsettled(self) -> None:
+        """Settle what finished while the fetch loop was being cancelled."""
+        if self._unsettled_dead:
+            await self._reject(list(self._unsettled_dead.values()))
         if self._unsettled:
             await self._ack(list(self._unsettled.values()))
 

@@ -7,7 +7,9 @@ schema, bind the trace context, call the handler with retries), writes dead
 letters, and acknowledges exactly the deliveries that finished.
 
 Delivery is at-least-once. A delivery is acknowledged only after its handler
-succeeded or its dead letter was durably written. Poison (a body that cannot
+succeeded or its dead letter was durably written; a source that can reject
+(RabbitMQ, NATS) gets a dead-lettered delivery through `reject` instead of
+`ack`, so the broker treats it as dead, not done. Poison (a body that cannot
 be decoded, or fails the subscription's schema) is dead-lettered as `poison`
 without calling the handler. When the dead-letter sink fails, that delivery
 and the ones queued behind it are released unacknowledged, so the broker
@@ -30,7 +32,7 @@ running at the deadline is abandoned: its delivery is not acknowledged, and
 `WorkerStats.abandoned` and the `consumers_stopped` event count it.
 
 Sources may offer optional capabilities, found by attribute (see
-`ReleasingSource`, `TrackingSource`, `PausingSource`).
+`ReleasingSource`, `RejectingSource`, `TrackingSource`, `PausingSource`).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ __all__ = [
     "PausingSource",
     "Pipeline",
     "Poison",
+    "RejectingSource",
     "ReleasingSource",
     "Status",
     "Step",
@@ -98,15 +101,35 @@ class ReleasingSource(Protocol):
         ...
 
 
+class RejectingSource(Protocol):
+    """A source that settles dead-lettered deliveries apart from handled ones.
+
+    A delivery whose dead letter was durably written is passed to `reject`,
+    never to `ack`; deliveries handled successfully are still acked. A
+    source without `reject` acks both alike.
+    """
+
+    async def reject(self, deliveries: Sequence[Delivery]) -> None:
+        """Settle `deliveries` as dead: never delivered to this subscription again.
+
+        The broker may route them on (a RabbitMQ dead-letter exchange). A
+        failure is logged and the deliveries come again, so a source must
+        not raise for a delivery it can no longer settle.
+        """
+        ...
+
+
 class TrackingSource(Protocol):
     """A source told about each delivery as it starts and finishes.
 
     Both methods are called from worker threads and the event loop, must be
     thread-safe and must not block. For such a source `finish(...,
     finished=True)` is the acknowledgement: the runtime does not call `ack`
-    for it again. Kafka uses them to commit finished offsets without
-    waiting for the rest of a batch, and to drop deliveries of partitions
-    revoked since they were fetched.
+    for it again. If it also has `reject`, a dead-lettered delivery ends
+    with `finish(..., finished=False)` and is then passed to `reject`.
+    Kafka uses them to commit finished offsets without waiting for the rest
+    of a batch, and to drop deliveries of partitions revoked since they
+    were fetched.
     """
 
     def claim(self, delivery: Delivery) -> bool:

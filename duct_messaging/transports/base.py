@@ -101,7 +101,29 @@ class TransportProducer(Protocol):
 
 
 class ConsumerSource(Protocol):
-    """Feeds one subscription's deliveries to the runtime, and acks them."""
+    """Feeds one subscription's deliveries to the runtime, and acks them.
+
+    These four methods are required. The runtime also looks for optional
+    ones by attribute and uses them when present (the protocols in
+    `duct_messaging.messaging.consumer` spell them out):
+
+    - `async release(deliveries)`: hand deliveries back unsettled, so they
+      come again (a halt, a failed dead-letter write, an interrupted
+      back-off). Without it they come again once the broker notices.
+    - `async reject(deliveries)`: settle deliveries whose dead letter was
+      durably written, instead of `ack`. They are never delivered to this
+      subscription again, and the broker may route them on (RabbitMQ
+      dead-letter exchange; NATS terminates them).
+    - `claim(delivery) -> bool` and `finish(delivery, *, finished)`: called
+      around every handler attempt, from worker threads, so they must be
+      thread-safe and quick. `claim` returning False drops a delivery the
+      source withdrew (a revoked Kafka partition); `finish(finished=True)`
+      is the acknowledgement, and `ack` is not called for it. With
+      `reject`, a dead delivery ends with `finished=False` and is rejected.
+    - `async pause(partitions)` / `async resume(partitions)`: stop and
+      restart fetching partitions while a delivery of each waits out a
+      retry back-off.
+    """
 
     async def start(self) -> None:
         """Connect and subscribe; return once deliveries can be fetched."""

@@ -39,7 +39,9 @@ exists and recreates it if someone deleted it.
 Producing uses JetStream async publish: concurrent sends pipeline their
 publish acks, while each `send` still returns only once the stream stored
 the message. Consuming acks each finished message (acks are fire-and-forget
-writes that the client coalesces), naks a released one with the
+writes that the client coalesces), terminates a dead-lettered one (JetStream
+never delivers a terminated message again, whatever `max_deliver` says, and
+publishes a `MSG_TERMINATED` advisory for it), naks a released one with the
 subscription's retry delay, and on stop naks what it fetched but never
 handed out.
 """
@@ -510,6 +512,12 @@ class NatsSource:
         """Acknowledge `deliveries`; the writes go out together."""
         for delivery in deliveries:
             await delivery.handle.ack()
+            self._acked_seq = max(self._acked_seq, int(delivery.position))  # type: ignore[arg-type]
+
+    async def reject(self, deliveries: Sequence[Delivery]) -> None:
+        """Terminate dead-lettered `deliveries`: JetStream never redelivers them."""
+        for delivery in deliveries:
+            await delivery.handle.term()
             self._acked_seq = max(self._acked_seq, int(delivery.position))  # type: ignore[arg-type]
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:

@@ -30,8 +30,11 @@ Producing: one confirm channel per client; sends run concurrently up to
 `confirm_window`, each returning once the broker confirmed it. Consuming:
 one channel per subscription with `prefetch`; finished deliveries are
 acked in as few frames as possible (`multiple` covers a run of finished
-tags), released ones are nacked back to their queue, and on stop the
-channel closes, which returns everything not acked to the queue.
+tags), dead-lettered ones are rejected without requeue (so a queue declared
+with `x-dead-letter-exchange` in `options.queue_arguments` hands them to
+that exchange, and any other queue drops them), released ones are nacked
+back to their queue, and on stop the channel closes, which returns
+everything not settled to the queue.
 """
 
 from __future__ import annotations
@@ -411,6 +414,23 @@ class RabbitSource:
                 await _ack_runs(by_tag, unsettled)
             except (aio_pika.exceptions.AMQPError, RuntimeError) as exc:
                 self._lost_channel(channel, "ack", exc)
+                continue
+            unsettled.difference_update(by_tag)
+
+    async def reject(self, deliveries: Sequence[Delivery]) -> None:
+        """Reject dead-lettered `deliveries` without requeueing them.
+
+        The broker drops them, or routes them to the queue's dead-letter
+        exchange when it has one. As with `ack`, a delivery whose channel
+        closed meanwhile comes again.
+        """
+        for channel, by_tag in self._by_channel(deliveries).items():
+            unsettled = self._unsettled.get(channel, set())
+            try:
+                for message in by_tag.values():
+                    await message.reject(requeue=False)
+            except (aio_pika.exceptions.AMQPError, RuntimeError) as exc:
+                self._lost_channel(channel, "reject", exc)
                 continue
             unsettled.difference_update(by_tag)
 

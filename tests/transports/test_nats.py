@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 import sys
 import uuid
 from collections.abc import Iterator
@@ -330,6 +331,49 @@ class TestConsuming:
         assert sink.wait_for(1)
         assert attempts == [1, 2]
         assert eventually(lambda: consumer_info(names[0], "flaky").num_ack_pending == 0)
+
+    def test_dead_lettered_message_is_terminated_not_redelivered(
+        self, names: tuple[str, str], systems: Systems
+    ) -> None:
+        """A poison message is terminated: an advisory says so, nothing is pending."""
+        stream, prefix = names
+        inbox = Inbox()
+        sink = RecordingSink()
+        subs = {"worker": subscription(inbox.handler("worker"))}
+        system = systems.start(config(names, subs), **{SINK: sink})
+        advisory = f"$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{stream}.worker"
+        terminated: list[dict[str, Any]] = []
+        listener = on_loop(system, _listen(advisory, terminated))
+        try:
+            jetstream(lambda js: js.publish(f"{prefix}.orders", b"\xff{nope"))
+            system["duct.messaging/producer"].produce({"n": 2}, topic="orders")
+
+            assert sink.wait_for(1)
+            assert inbox.wait_for("worker", 1)
+            assert eventually(lambda: len(terminated) == 1)
+        finally:
+            on_loop(system, listener.close())
+        systems.stop(system)
+
+        assert terminated[0]["stream_seq"] == 1
+        assert sink.letters[0].position == 1
+        info = consumer_info(stream, "worker")
+        assert info.num_ack_pending == 0
+        assert info.num_redelivered == 0
+        assert info.num_pending == 0
+        assert info.ack_floor.stream_seq == 2
+
+
+async def _listen(subject: str, into: list[dict[str, Any]]) -> Any:
+    """Subscribe to `subject` on a new connection; append each JSON payload."""
+    connection = await nats.connect(URL)
+
+    async def record(msg: Any) -> None:
+        into.append(json.loads(msg.data))
+
+    await connection.subscribe(subject, cb=record)
+    await connection.flush()
+    return connection
 
 
 class TestExtra:

@@ -262,6 +262,79 @@ class TestConfirmsAndAcks:
         systems.stop(system)
         assert eventually(lambda: queue_depth(f"{exchange}.flaky") == 0)
 
+    def test_dead_lettered_message_goes_to_the_queues_dead_letter_exchange(
+        self, exchange: str, systems: Systems
+    ) -> None:
+        """A poison message is rejected: the broker moves it to the queue's DLX."""
+        dlx, parked = f"{exchange}.dlx", f"{exchange}.parked"
+        with_channel(_declare_parking(dlx, parked))
+        try:
+            inbox = Inbox()
+            sink = RecordingSink()
+            options = {"queue_arguments": {"x-dead-letter-exchange": dlx}}
+            subs = {"worker": subscription(inbox.handler("worker"), options=options)}
+            system = systems.start(config(exchange, subs), **{SINK: sink})
+
+            with_channel(_publish_raw(exchange, b"\xff{nope"))
+            system["duct.messaging/producer"].produce({"n": 2}, topic="orders")
+
+            assert sink.wait_for(1)
+            assert inbox.wait_for("worker", 1)
+            systems.stop(system)
+            assert eventually(lambda: queue_depth(parked) == 1)
+            assert queue_depth(f"{exchange}.worker") == 0
+            body, death = with_channel(_first_death(parked))
+        finally:
+            with_channel(_delete_parking(dlx, parked))
+
+        assert body == b"\xff{nope"
+        assert death["queue"] == f"{exchange}.worker"
+        assert death["reason"] == "rejected"
+
+
+def _declare_parking(dlx: str, parked: str) -> Any:
+    async def declare(channel: Any) -> None:
+        fanout = await channel.declare_exchange(
+            dlx, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        queue = await channel.declare_queue(parked, durable=True)
+        await queue.bind(fanout)
+
+    return declare
+
+
+def _delete_parking(dlx: str, parked: str) -> Any:
+    async def delete(channel: Any) -> None:
+        await channel.queue_delete(parked)
+        await channel.exchange_delete(dlx)
+
+    return delete
+
+
+def _publish_raw(exchange: str, body: bytes) -> Any:
+    async def publish(channel: Any) -> None:
+        target = await channel.get_exchange(exchange)
+        message = aio_pika.Message(body, content_type="application/json")
+        await target.publish(message, routing_key="orders")
+
+    return publish
+
+
+def _first_death(queue_name: str) -> Any:
+    """Return the body and first `x-death` entry of the next message in a queue."""
+
+    async def first(channel: Any) -> tuple[bytes, dict[str, Any]]:
+        queue = await channel.get_queue(queue_name)
+        message = await queue.get(no_ack=True)
+        death = message.headers["x-death"][0]
+        return message.body, {k: _text(v) for k, v in death.items()}
+
+    return first
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
 
 class TestConfig:
     def test_client_without_url_is_a_config_error(self, exchange: str) -> None:
