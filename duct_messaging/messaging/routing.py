@@ -22,6 +22,7 @@ import structlog
 from duct_messaging.errors import DuctMessagingError, MissingExtraError
 from duct_messaging.messaging._imports import import_object, looks_like_import_path
 from duct_messaging.messaging._merge import deep_merge
+from duct_messaging.messaging.retry import retry_problems
 from duct_messaging.messaging.schemas import (
     SchemaConfigError,
     Validator,
@@ -214,7 +215,27 @@ def routing_problems(value: Mapping[str, Any]) -> Iterator[str]:
     for sub_id, spec in sections["subscriptions"].items():
         yield from _subscription_problems(sub_id, spec, topics, handlers)
 
+    yield from _retry_config_problems(sections)
     yield from _schema_problems(topics, sections["subscriptions"])
+
+
+def _retry_config_problems(sections: Mapping[str, Mapping[str, Any]]) -> Iterator[str]:
+    """Check every `retry` section (defaults, topics, subscriptions) before start."""
+    yield from _retry_at("defaults.retry", sections["defaults"].get("retry"))
+    for name in ("topics", "subscriptions"):
+        for key, spec in sections[name].items():
+            if isinstance(spec, Mapping):
+                yield from _retry_at(f"{name}.{key}.retry", spec.get("retry"))
+
+
+def _retry_at(path: str, config: Any) -> Iterator[str]:
+    if type(config).__name__ in ("Ref", "RefSet"):
+        return
+    for problem in retry_problems(config):
+        # A problem starts with the field it is about, or with "expected"
+        # when the section itself has the wrong shape.
+        sep = ": " if problem.startswith("expected ") else "."
+        yield f"{path}{sep}{problem}"
 
 
 def _schema_problems(

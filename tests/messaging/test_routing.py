@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
+from duct_messaging import init
+from duct_messaging.cli import main
 from duct_messaging.messaging.routing import (
     HandlerResolutionError,
     RoutingError,
     build_routing,
     merge_routing,
 )
+from duct_messaging.system import ConfigError
 
 
 def on_order(message: Any) -> None:
@@ -232,3 +238,125 @@ class TestBuild:
 
         assert caught.value.known == ["a", "b"]
         assert isinstance(caught.value, LookupError)
+
+
+def _retry_routing(
+    defaults: Any = None, topic: Any = None, subscription: Any = None
+) -> dict[str, Any]:
+    """Return a routing whose three `retry` sections are the given ones."""
+    return {
+        "defaults": {"retry": defaults},
+        "topics": {"orders": {"retry": topic}},
+        "subscriptions": {
+            "worker": {
+                "topic": "orders",
+                "source": "memory",
+                "client": "mem",
+                "handler": f"{__name__}:on_order",
+                "retry": subscription,
+            }
+        },
+    }
+
+
+class TestRetryCheck:
+    def test_every_retry_section_is_checked_with_its_path(self) -> None:
+        """Defaults, topic and subscription retry problems all name their path."""
+        routing = _retry_routing(
+            defaults={"max_attempts": 0},
+            topic={"backoff": {"initial_ms": -1}},
+            subscription={"non_retriable": ["no_such_module_for_retry:Boom"]},
+        )
+
+        with pytest.raises(RoutingError) as caught:
+            build_routing(routing)
+
+        assert caught.value.problems == [
+            "defaults.retry.max_attempts: expected an integer >= 1, got 0",
+            "topics.orders.retry.backoff.initial_ms: expected a number >= 0, got -1",
+            "subscriptions.worker.retry.non_retriable: "
+            "No module named 'no_such_module_for_retry'",
+        ]
+
+    def test_a_retry_section_of_the_wrong_shape_is_reported(self) -> None:
+        """A retry section that is not a mapping is named, not crashed on."""
+        with pytest.raises(RoutingError) as caught:
+            build_routing(_retry_routing(subscription=[3]))
+
+        assert caught.value.problems == [
+            "subscriptions.worker.retry: expected a mapping, got list"
+        ]
+
+    def test_good_retry_sections_pass(self) -> None:
+        """Valid retry settings in all three places build a routing."""
+        routing = build_routing(
+            _retry_routing(
+                defaults={"max_attempts": 2},
+                topic={"backoff": {"max_ms": 50}},
+                subscription={"non_retriable": ["ValueError", "json:JSONDecodeError"]},
+            )
+        )
+
+        assert routing.subscriptions["worker"].retry == {
+            "max_attempts": 2,
+            "backoff": {"max_ms": 50},
+            "non_retriable": ["ValueError", "json:JSONDecodeError"],
+        }
+
+    def test_init_refuses_bad_retry_config_before_starting(self) -> None:
+        """`init` raises ConfigError naming each retry problem; nothing starts."""
+        config = {
+            "duct.memory/clients": {"mem": {}},
+            "duct.messaging/routing": _retry_routing(
+                defaults={"max_attempts": 0},
+                subscription={"non_retriable": ["no_such_module_for_retry:Boom"]},
+            ),
+        }
+
+        with pytest.raises(ConfigError) as caught:
+            init(config)
+
+        assert caught.value.problems == [
+            "duct.messaging/routing: defaults.retry.max_attempts: "
+            "expected an integer >= 1, got 0",
+            "duct.messaging/routing: subscriptions.worker.retry.non_retriable: "
+            "No module named 'no_such_module_for_retry'",
+        ]
+
+    def test_check_command_lists_retry_problems(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """`duct-messaging check` prints each retry problem with its path and line."""
+        config = tmp_path / "retry.yaml"
+        config.write_text(
+            textwrap.dedent(
+                f"""\
+                duct.memory/clients: {{mem: {{}}}}
+                duct.messaging/routing:
+                  defaults: {{retry: {{max_attempts: 0}}}}
+                  topics: {{orders: {{}}}}
+                  subscriptions:
+                    worker:
+                      topic: orders
+                      source: memory
+                      client: mem
+                      handler: {__name__}:on_order
+                      retry: {{non_retriable: [no_such_module_for_retry:Boom]}}
+                """
+            )
+        )
+        saved = structlog.get_config()
+        try:
+            code = main(["check", str(config)])
+        finally:
+            structlog.configure(**saved)
+
+        err = capsys.readouterr().err.splitlines()
+        assert code == 1
+        assert err == [
+            f"{config}: 2 problems",
+            "  - duct.messaging/routing: defaults.retry.max_attempts: expected an "
+            f"integer >= 1, got 0 [{config}:2]",
+            "  - duct.messaging/routing: subscriptions.worker.retry.non_retriable: "
+            f"No module named 'no_such_module_for_retry' [{config}:2]",
+        ]
