@@ -4,6 +4,14 @@
 letter); each `attempt_*` call runs the handler once and says what comes
 next: done, a back-off before the next attempt, or the dead letter to
 write. The worker (`_consumer_worker`) decides when attempts run.
+
+Tracing: the handler runs under a child of the message's `traceparent` (a
+new root without one). With OpenTelemetry enabled, each attempt instead
+runs inside a `process <topic>` consumer span whose parent is the
+message's trace, and `MessageContext.trace` is that span's context. The
+span is opened where the handler runs (a worker thread for a `def`
+handler), because OpenTelemetry keeps the current span in a context
+variable of the running thread.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ from duct_messaging.messaging.tracing import (
     TraceContext,
     bind_trace,
     extract,
+    opentelemetry_enabled,
+    start_span,
     unbind_trace,
 )
 from duct_messaging.transports.base import Delivery
@@ -138,6 +148,13 @@ class Pipeline:
         self._default_codec: Codec = get_codec(subscription.codec)
         self._codecs: dict[str, Codec] = {}
         self._loop = loop
+        self._span_name = f"process {subscription.topic}"
+        options = subscription.options
+        group = options.get("group_id") or options.get("group") or subscription.id
+        self._span_attributes: dict[str, Any] = {
+            "messaging.destination.name": subscription.topic,
+            "messaging.consumer.group.name": str(group),
+        }
 
     def _codec(self, headers: dict[str, str]) -> Codec:
         content_type = headers.get(envelope.CONTENT_TYPE)
@@ -189,7 +206,26 @@ class Pipeline:
         return Job(delivery, args, ctx)
 
     def attempt_sync(self, job: Job) -> Step:
-        """Call the synchronous handler once for `job`; see `Step`."""
+        """Call the synchronous handler once for `job`; see `Step`.
+
+        Call it in the thread that runs the handler: a span opened here is
+        current only in that thread.
+        """
+        if opentelemetry_enabled():
+            return self._attempt_sync_in_span(job)
+        return self._attempt_sync_plain(job)
+
+    def sync_attempt(self) -> Callable[[Job], Step]:
+        """Return what `attempt_sync` would run now, for a run of many attempts.
+
+        The worker asks once per run of work, so checking whether spans are
+        on costs nothing per message on its hot path.
+        """
+        if opentelemetry_enabled():
+            return self._attempt_sync_in_span
+        return self._attempt_sync_plain
+
+    def _attempt_sync_plain(self, job: Job) -> Step:
         job.attempts += 1
         job.ctx.attempt = job.delivery.attempt + job.attempts - 1
         token = bind_trace(job.ctx.trace)
@@ -203,6 +239,8 @@ class Pipeline:
 
     async def attempt_async(self, job: Job) -> Step:
         """Await the async handler once for `job`; see `Step`."""
+        if opentelemetry_enabled():
+            return await self._attempt_async_in_span(job)
         self._count(job)
         token = bind_trace(job.ctx.trace)
         try:
@@ -212,6 +250,46 @@ class Pipeline:
         finally:
             unbind_trace(token)
         return None
+
+    def _attempt_sync_in_span(self, job: Job) -> Step:
+        self._count(job)
+        # The span's parent is the message's trace alone (none: a new root),
+        # never a trace that happens to be bound in the worker's context.
+        parent = extract(job.delivery.headers)
+        token = bind_trace(parent)
+        try:
+            with start_span(
+                self._span_name, "consumer", parent, self._attributes(job)
+            ) as span:
+                job.ctx.trace = span
+                self.handler(*job.args)
+        except Exception as exc:  # raised inside the span, so it is recorded
+            return self._failed(job, exc)
+        finally:
+            unbind_trace(token)
+        return None
+
+    async def _attempt_async_in_span(self, job: Job) -> Step:
+        self._count(job)
+        parent = extract(job.delivery.headers)
+        token = bind_trace(parent)
+        try:
+            with start_span(
+                self._span_name, "consumer", parent, self._attributes(job)
+            ) as span:
+                job.ctx.trace = span
+                await self.handler(*job.args)
+        except Exception as exc:
+            return self._failed(job, exc)
+        finally:
+            unbind_trace(token)
+        return None
+
+    def _attributes(self, job: Job) -> dict[str, Any]:
+        message_id = job.ctx.message_id
+        if message_id is None:
+            return self._span_attributes
+        return {**self._span_attributes, "messaging.message.id": message_id}
 
     def _count(self, job: Job) -> None:
         job.attempts += 1
