@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from duct_messaging._logs import configure_logging
+from duct_messaging.system import ConfigError, InitError
 
 # Subcommand modules, in the order `--help` lists them.
 _COMMANDS = ("_run", "_check", "_graph", "_dlq", "_deferred")
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         help="DEBUG, INFO (default), WARNING or ERROR; also DUCT_LOG_LEVEL",
     )
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _COMMANDS:
         try:
             module = importlib.import_module(f"{__name__}.{name}")
@@ -44,7 +45,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` (default: the process arguments) and run the subcommand."""
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        where = getattr(args, "config", None) or "config"
+        noun = "problem" if len(exc.problems) == 1 else "problems"
+        print(f"{where}: {len(exc.problems)} {noun}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    except InitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as Unix tools do.
+        sys.stderr.close()
+        return 0
     return code
 
 

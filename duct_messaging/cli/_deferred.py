@@ -32,7 +32,9 @@ def add_parser(subparsers: Any) -> None:
         help="inspect deferred deliveries",
         description="Inspect the messages a deferred-delivery store holds.",
     )
-    actions = parser.add_subparsers(dest="deferred_command", required=True)
+    actions = parser.add_subparsers(
+        dest="deferred_command", required=True, metavar="ACTION"
+    )
     listing = actions.add_parser(
         "list",
         help="list deferred messages not delivered yet",
@@ -52,15 +54,20 @@ def add_parser(subparsers: Any) -> None:
 
 def _list(args: argparse.Namespace) -> int:
     config = load_config(args.config, profile=args.profile)
-    keys = [key for key in config if DEFERRED_TYPE in key.split()]
+    candidates = [key for key in config if DEFERRED_TYPE in key.split()]
+    keys = candidates
     if args.key is not None:
-        keys = [key for key in keys if key == args.key]
-    if len(keys) != 1:
-        found = ", ".join(keys) or "none"
+        keys = [key for key in candidates if key == args.key]
+    if not candidates:
         _fail(
-            f"{args.config}: expected one {DEFERRED_TYPE} key (found {found}); "
-            "name it with --key"
+            f"{args.config}: no {DEFERRED_TYPE} key, so nothing is deferred; "
+            f"add a {DEFERRED_TYPE} component to use deferred delivery"
         )
+        return 2
+    if len(keys) != 1:
+        found = ", ".join(candidates)
+        wanted = f"--key {args.key!r} matches none of" if args.key else "several:"
+        _fail(f"{args.config}: {wanted} {found}; name one with --key")
         return 2
 
     value = config[keys[0]]

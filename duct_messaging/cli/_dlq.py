@@ -41,7 +41,7 @@ def add_parser(subparsers: Any) -> None:
         help="list and replay stored dead letters",
         description="List and replay the dead letters kept by CONFIG's stores.",
     )
-    actions = parser.add_subparsers(dest="dlq_command", required=True)
+    actions = parser.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
 
     listing = actions.add_parser(
         "list",

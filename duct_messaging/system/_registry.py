@@ -260,8 +260,12 @@ def isolated_registry() -> Iterator[None]:
     try:
         yield
     finally:
+        # A lazily declared key's module registers it once, on first import;
+        # dropping that registration would leave the key unknown for good.
+        loaded = {k: v for k, v in _components.items() if k in lazy}
         _components.clear()
         _components.update(components)
+        _components.update(loaded)
         _lazy.clear()
         _lazy.update(lazy)
         _by_function.clear()

@@ -345,6 +345,7 @@ class _Expander:
             return None
 
         raw = os.environ.get(name)
+        source = f"environment variable {name}={raw!r}"
         if raw is None:
             if len(spec) < 3:
                 self.problem(
@@ -364,12 +365,13 @@ class _Expander:
                 )
                 return None
             raw = default
+            source = f"!env {name}: default {default!r} (the variable is not set)"
         try:
             return _ENV_TYPES[type_name](raw)
         except ValueError:
             self.problem(
                 path,
-                f"environment variable {name}={raw!r} is not a valid {type_name}",
+                f"{source} is not a valid {type_name}",
                 tag.where,
             )
             return None

@@ -132,8 +132,8 @@ class TestEnv:
             "DM_T_PORT='eighty' is not a valid int [<string>:4]",
             "duct.kafka/clients.kafka-primary.tls: environment variable "
             "DM_T_FLAG='maybe' is not a valid bool [<string>:5]",
-            "duct.kafka/clients.kafka-primary.ratio: environment variable "
-            "DM_T_MISSING='abc' is not a valid float [<string>:6]",
+            "duct.kafka/clients.kafka-primary.ratio: !env DM_T_MISSING: default "
+            "'abc' (the variable is not set) is not a valid float [<string>:6]",
             "duct.kafka/clients.kafka-primary.other: !env DM_T_PORT: unknown type "
             "'decimal'; use str, int, float or bool [<string>:7]",
         ]
