@@ -468,7 +468,7 @@ class NatsSource:
         """Pull up to `max_messages`, waiting at most `timeout` seconds."""
         try:
             messages = await self._sub.fetch(max_messages, timeout=timeout)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats-py raises its own subclass or asyncio's
             await self._check_consumer()
             return []
         self._next_check = time.monotonic() + self.consumer_check_s
