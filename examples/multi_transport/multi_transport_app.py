@@ -11,6 +11,7 @@ Components (named in config.yaml):
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -20,6 +21,12 @@ from duct_messaging import request_stop
 from duct_messaging.messaging.consumer import MessageContext
 
 Handler = Callable[[dict[str, Any], MessageContext], None]
+
+
+def say(line: str) -> None:
+    """Print one whole line at once, so lines of concurrent handlers never mix."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class Ledger:
@@ -53,10 +60,9 @@ def _make_handler(value: Mapping[str, Any]) -> Handler:
     book: Ledger = value["ledger"]
 
     def handle(order: dict[str, Any], ctx: MessageContext) -> None:
-        print(
+        say(
             f"[{name}] order {order['id']} via {ctx.source} "
-            f"client {ctx.client} from {ctx.destination}",
-            flush=True,
+            f"client {ctx.client} from {ctx.destination}"
         )
         book.add(name, order["id"])
 
@@ -84,12 +90,12 @@ async def _publish_and_check(value: Mapping[str, Any]) -> None:
         )
         sent.add(order["id"])
         landed = ", ".join(f"{r.transport}:{r.client}@{r.position}" for r in receipts)
-        print(f"published order {order['id']} -> {landed}", flush=True)
+        say(f"published order {order['id']} -> {landed}")
 
     loop = asyncio.get_running_loop()
     if await loop.run_in_executor(None, book.complete, sent, value["timeout_s"]):
         counts = ", ".join(f"{k}={len(v)}" for k, v in book.handled.items())
-        print(f"every copy of {len(sent)} orders handled ({counts})", flush=True)
+        say(f"every copy of {len(sent)} orders handled ({counts})")
         request_stop(0, "all copies handled")
     else:
         request_stop(1, "timed out waiting for copies")

@@ -12,6 +12,7 @@ Components (named in config.yaml / config.kafka.yaml):
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -20,6 +21,12 @@ from typing import Any
 
 from duct_messaging import request_stop
 from duct_messaging.messaging.consumer import MessageContext
+
+
+def say(line: str) -> None:
+    """Print one whole line at once, so lines of concurrent handlers never mix."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class Tracker:
@@ -54,10 +61,9 @@ def _handler(
     seen: Tracker = value["tracker"]
 
     def on_order(order: dict[str, Any], ctx: MessageContext) -> None:
-        print(
+        say(
             f"[{subscription}] order {order['id']} amount {order['amount']:.2f} "
-            f"(client {ctx.client}, {ctx.destination})",
-            flush=True,
+            f"(client {ctx.client}, {ctx.destination})"
         )
         seen.record(subscription, order["id"])
 
@@ -76,10 +82,9 @@ def reminder_handler(
     def on_reminder(reminder: dict[str, Any], ctx: MessageContext) -> None:
         due = datetime.fromisoformat(reminder["due_at"])
         late_ms = (datetime.now(UTC) - due).total_seconds() * 1000
-        print(
+        say(
             f"[payment-reminders] reminder for order {reminder['order_id']} "
-            f"arrived {late_ms:.0f} ms after its due time ({ctx.destination})",
-            flush=True,
+            f"arrived {late_ms:.0f} ms after its due time ({ctx.destination})"
         )
         seen.record("payment-reminders", reminder["order_id"])
 
@@ -102,7 +107,7 @@ async def _drive(value: Mapping[str, Any]) -> None:
             {"id": order_id, "amount": 10.0 + n}, topic="order-created", key=order_id
         )
         where = ", ".join(f"{r.client}/{r.destination}" for r in receipts)
-        print(f"published order {order_id} to {where}", flush=True)
+        say(f"published order {order_id} to {where}")
         delay_ms = value["reminder_delay_ms"]
         due = datetime.now(UTC) + timedelta(milliseconds=delay_ms)
         await producer.aproduce(
@@ -111,14 +116,12 @@ async def _drive(value: Mapping[str, Any]) -> None:
             key=order_id,
             deliver_at_time=due,
         )
-    print(f"scheduled {len(ids)} payment reminders, due in {delay_ms} ms", flush=True)
+    say(f"scheduled {len(ids)} payment reminders, due in {delay_ms} ms")
     loop = asyncio.get_running_loop()
     ok = await loop.run_in_executor(None, seen.wait_for, ids, value["timeout_s"])
     if ok:
         counts = ", ".join(f"{name}: {len(got)}" for name, got in seen.seen.items())
-        print(
-            f"all {len(ids)} orders seen by every subscription ({counts})", flush=True
-        )
+        say(f"all {len(ids)} orders seen by every subscription ({counts})")
         request_stop(0, "all orders handled")
     else:
         request_stop(1, "timed out waiting for the orders")
