@@ -22,3 +22,13 @@ def test_nothing_public_by_accident() -> None:
     }
 
     assert public - {"annotations"} == set(duct_messaging.__all__)
+
+
+def test_messaging_exports_are_sorted_and_importable() -> None:
+    """`duct_messaging.messaging.__all__` is sorted and every name resolves."""
+    import duct_messaging.messaging as messaging
+
+    names = messaging.__all__
+
+    assert list(names) == sorted(names)
+    assert [n for n in names if not hasattr(messaging, n)] == []

@@ -38,18 +38,23 @@ Config (`duct.messaging/deferred`). Settings show their defaults, except
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import platform
 from collections.abc import Coroutine, Mapping, Sequence
 from contextlib import suppress
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 from uuid import uuid4
 
 import structlog
-from apscheduler import ConflictPolicy
-from apscheduler.abc import DataStore
+
+from duct_messaging.errors import MissingExtraError
+
+try:
+    from apscheduler import ConflictPolicy
+    from apscheduler.abc import DataStore
+except ImportError as exc:  # pragma: no cover - exercised without the extra
+    raise MissingExtraError("Deferred delivery", "deferred", "apscheduler") from exc
 
 from duct_messaging.errors import DuctMessagingError
 from duct_messaging.messaging import _deferred_store as stores
@@ -61,6 +66,12 @@ from duct_messaging.messaging._deferred_config import (
     settings_problems,
 )
 from duct_messaging.messaging._deferred_delivery import Courier, Deliver
+from duct_messaging.messaging._deferred_options import (
+    DeferredNotConfiguredError,
+    DeferredOptionError,
+    aware_datetime,
+    resolve_due,
+)
 from duct_messaging.messaging._deferred_payload import (
     DeferredMessage,
     DeferredPayloadError,
@@ -68,7 +79,7 @@ from duct_messaging.messaging._deferred_payload import (
 )
 from duct_messaging.messaging._deferred_runner import SchedulerRunner
 from duct_messaging.messaging._deferred_store import PendingMessage, StoreSpec
-from duct_messaging.messaging.deadletter import DeadLetterSink, LoggerSink, utcnow
+from duct_messaging.messaging.deadletter import DeadLetterSink, LoggerSink
 from duct_messaging.messaging.producer import merge_registries, send_to_targets
 from duct_messaging.system import CheckContext, component
 from duct_messaging.transports.base import OutgoingMessage, Target, TransportProducer
@@ -95,34 +106,6 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
-
-
-class DeferredNotConfiguredError(DuctMessagingError, RuntimeError):
-    """Raised when a future delivery is asked for but no scheduler is wired."""
-
-    def __init__(self, topic: str | None = None) -> None:
-        self.topic = topic
-        what = f"topic {topic!r}" if topic else "a message"
-        super().__init__(
-            f"Deferred delivery not configured: {what} asked for a future "
-            "delivery time, but the producer has no scheduler. Add a "
-            "duct.messaging/deferred component and pass it to the producer "
-            "(deferred: !ref duct.messaging/deferred), or publish without a "
-            "delivery time."
-        )
-
-
-class DeferredOptionError(DuctMessagingError, ValueError):
-    """Raised when a deferred-delivery option has the wrong type or value."""
-
-    def __init__(self, option: str, value: Any, expected: str) -> None:
-        self.option = option
-        self.value = value
-        self.expected = expected
-        super().__init__(
-            f"Deferred-delivery option rejected: {option}={value!r}. "
-            f"Expected {expected}."
-        )
 
 
 class DeferredClosedError(DuctMessagingError, RuntimeError):
@@ -178,79 +161,6 @@ class DeliveryWindowMissedError(DuctMessagingError):
             f"{due.isoformat()}, {late_s:.1f}s ago, beyond grace_s={grace_s:g}. "
             "It was dead-lettered instead; replay it if it still matters."
         )
-
-
-def resolve_due(
-    *,
-    deliver_at_time: datetime | None = None,
-    deliver_at_ms: int | None = None,
-    delay_ms: float | None = None,
-    now: datetime | None = None,
-) -> datetime | None:
-    """Return when a message should be delivered, or None to publish it now.
-
-    The first option given wins: `deliver_at_time` (a timezone-aware
-    datetime), then `deliver_at_ms` (epoch milliseconds, an int), then
-    `delay_ms` (milliseconds from `now`, int or float). Every option given
-    is checked, even one that loses. The result is a UTC datetime only when
-    it lies strictly after `now` (default: the current time); a time that
-    has passed, or no option at all, gives None.
-
-    Raises:
-        DeferredOptionError: an option has the wrong type, a naive datetime,
-            or a value that is not a finite time.
-    """
-    current = _aware(now, "now") if now is not None else utcnow()
-
-    candidates: list[datetime] = []
-    if deliver_at_time is not None:
-        candidates.append(_aware(deliver_at_time, "deliver_at_time"))
-    if deliver_at_ms is not None:
-        candidates.append(_from_epoch_ms(deliver_at_ms))
-    if delay_ms is not None:
-        candidates.append(current + _delay(delay_ms))
-
-    if not candidates:
-        return None
-    due = candidates[0].astimezone(UTC)
-    return due if due > current else None
-
-
-def _aware(value: Any, option: str) -> datetime:
-    if not isinstance(value, datetime):
-        raise DeferredOptionError(option, value, "a timezone-aware datetime")
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise DeferredOptionError(
-            option,
-            value,
-            "a timezone-aware datetime (this one is naive; add tzinfo, "
-            "e.g. datetime.now(UTC))",
-        )
-    return value
-
-
-def _from_epoch_ms(value: Any) -> datetime:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise DeferredOptionError("deliver_at_ms", value, "epoch milliseconds (int)")
-    try:
-        return datetime.fromtimestamp(value / 1000, UTC)
-    except (OverflowError, OSError, ValueError) as exc:
-        raise DeferredOptionError(
-            "deliver_at_ms", value, f"epoch milliseconds within range ({exc})"
-        ) from exc
-
-
-def _delay(value: Any) -> timedelta:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise DeferredOptionError("delay_ms", value, "milliseconds (int or float)")
-    if not math.isfinite(value):
-        raise DeferredOptionError("delay_ms", value, "a finite number of milliseconds")
-    try:
-        return timedelta(milliseconds=value)
-    except OverflowError as exc:
-        raise DeferredOptionError(
-            "delay_ms", value, "milliseconds within range"
-        ) from exc
 
 
 class DeferredScheduler:
@@ -450,7 +360,7 @@ class DeferredScheduler:
             DeferredPayloadError: a target option is not plain data.
             DeferredClosedError: the scheduler is not running.
         """
-        due = _aware(due, "due").astimezone(UTC)
+        due = aware_datetime(due, "due").astimezone(UTC)
         item = DeferredMessage.new(message, targets, due)
         document = encode(item)
 

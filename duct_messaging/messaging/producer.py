@@ -22,6 +22,9 @@ import structlog
 
 from duct_messaging.errors import DuctMessagingError
 from duct_messaging.messaging import envelope
+from duct_messaging.messaging._deferred_options import (
+    resolve_due,
+)
 from duct_messaging.messaging.codecs import Codec, get_codec
 from duct_messaging.messaging.routing import Routing
 from duct_messaging.messaging.schemas import Validator
@@ -235,7 +238,11 @@ class Producer:
             or deliver_at_ms is not None
             or delay_ms is not None
         ):
-            due = _resolve_due(deliver_at_time, deliver_at_ms, delay_ms)
+            due = resolve_due(
+                deliver_at_time=deliver_at_time,
+                deliver_at_ms=deliver_at_ms,
+                delay_ms=delay_ms,
+            )
             if due is not None:
                 return await self._defer(outgoing, resolved, due)
         return await send_to_targets(self.producers, outgoing, resolved)
@@ -329,22 +336,13 @@ class Producer:
         self, message: OutgoingMessage, targets: tuple[Target, ...], due: datetime
     ) -> DeferredReceipt:
         if self.deferred is None:
-            from duct_messaging.messaging.deferred import DeferredNotConfiguredError
+            from duct_messaging.messaging._deferred_options import (
+                DeferredNotConfiguredError,
+            )
 
             raise DeferredNotConfiguredError(message.topic)
         deferred_id = await self.deferred.schedule(message, targets, due)
         return DeferredReceipt(str(deferred_id), message.topic, due, targets)
-
-
-def _resolve_due(
-    deliver_at_time: datetime | None, deliver_at_ms: int | None, delay_ms: float | None
-) -> datetime | None:
-    from duct_messaging.messaging.deferred import resolve_due
-
-    due: datetime | None = resolve_due(
-        deliver_at_time=deliver_at_time, deliver_at_ms=deliver_at_ms, delay_ms=delay_ms
-    )
-    return due
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

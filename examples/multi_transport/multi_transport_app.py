@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from duct_messaging import request_stop
-from duct_messaging.messaging.consumer import MessageContext
+from duct_messaging.messaging import MessageContext
 
 Handler = Callable[[dict[str, Any], MessageContext], None]
 

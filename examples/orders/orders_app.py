@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from duct_messaging import request_stop
-from duct_messaging.messaging.consumer import MessageContext
+from duct_messaging.messaging import MessageContext
 
 
 def say(line: str) -> None:
