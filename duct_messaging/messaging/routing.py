@@ -303,11 +303,12 @@ class HandlerResolutionError(DuctMessagingError, LookupError):
     def __init__(self, handler: Any, known: list[str], reason: str = "") -> None:
         self.handler = handler
         self.known = sorted(known)
-        names = ", ".join(self.known) or "(none)"
+        names = ", ".join(self.known) or "none defined"
         detail = f" ({reason})" if reason else ""
         super().__init__(
             f"cannot resolve handler {handler!r}{detail}. Use a name from "
-            f"'handlers' ({names}) or an import path like 'my_app.handlers:on_order'"
+            f"'handlers' ({names}) or an import path such as "
+            "'my_app.handlers:on_order' (or 'my_app.handlers.on_order')"
         )
 
     def __str__(self) -> str:
