@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from duct_messaging.errors import MissingExtraError
+from duct_messaging.messaging._config_check import ANY, Field, Fields, as_schema, text
 from duct_messaging.messaging.deadletter import DeadLetter, DeadLetterStatus
 from duct_messaging.messaging.deadletter_sinks import STORE_TYPE
 from duct_messaging.system import CheckContext, component
@@ -270,7 +271,22 @@ def _dead_letter(row: dict[str, Any]) -> DeadLetter:
     )
 
 
-@component("duct.deadletter/postgres", derives_from=STORE_TYPE)
+SETTINGS = Fields(
+    {
+        "conninfo": Field(
+            text(),
+            required=True,
+            hint="e.g. 'postgresql://postgres@127.0.0.1:5432/app'",
+        ),
+        "table": ANY,  # checked by the hook: see `table_problems`
+    },
+    nullable=False,
+)
+
+
+@component(
+    "duct.deadletter/postgres", derives_from=STORE_TYPE, schema=as_schema(SETTINGS)
+)
 async def postgres(value: Mapping[str, Any]) -> PostgresStore:
     """Return a started PostgreSQL dead-letter store.
 
@@ -291,10 +307,6 @@ async def _halt_postgres(store: PostgresStore) -> None:
 
 @postgres.check
 def _check_postgres(value: Any, ctx: CheckContext) -> Iterator[str]:
-    if not isinstance(value, Mapping):
-        yield "expected a mapping with 'conninfo' (and optional 'table')"
-        return
-    if not value.get("conninfo"):
-        yield "conninfo: missing (e.g. 'postgresql://postgres@127.0.0.1:5432/app')"
-    if value.get("table") is not None:
+    # The schema reports the shape and `conninfo`.
+    if isinstance(value, Mapping) and value.get("table") is not None:
         yield from table_problems(value["table"])

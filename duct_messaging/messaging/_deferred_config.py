@@ -14,6 +14,7 @@ from typing import Any, TypeGuard
 
 from duct_messaging.errors import DuctMessagingError
 from duct_messaging.messaging import _deferred_store as stores
+from duct_messaging.messaging._config_check import closest
 from duct_messaging.system import Ref, RefSet
 
 _SETTINGS = (
@@ -154,7 +155,7 @@ def settings_problems(value: Any) -> Iterator[str]:
         return
 
     for name in sorted(set(value) - set(_SETTINGS), key=str):
-        yield f"{name}: unknown setting; known: {', '.join(_SETTINGS)}"
+        yield f"{name}: unknown setting; {_known(name, _SETTINGS)}"
     if "producers" not in value:
         yield "producers: missing; use !ref duct.messaging/producers"
 
@@ -190,15 +191,20 @@ def _delivery_problems(delivery: Any) -> Iterator[str]:
     if not isinstance(delivery, Mapping):
         yield "delivery: expected a mapping with max_attempts, backoff_s, backoff_max_s"
         return
-    known = ", ".join(_DELIVERY_SETTINGS)
     for name in sorted(set(delivery) - set(_DELIVERY_SETTINGS), key=str):
-        yield f"delivery.{name}: unknown setting; known: {known}"
+        yield f"delivery.{name}: unknown setting; {_known(name, _DELIVERY_SETTINGS)}"
     yield from _number_problems(delivery, "max_attempts", "delivery.", 1, True)
     yield from _number_problems(delivery, "backoff_s", "delivery.", 0)
     yield from _number_problems(delivery, "backoff_max_s", "delivery.", 0)
     low, high = delivery.get("backoff_s"), delivery.get("backoff_max_s")
     if _is_number(low) and _is_number(high) and high < low:
         yield f"delivery.backoff_max_s: {high} is below backoff_s ({low})"
+
+
+def _known(name: Any, known: tuple[str, ...]) -> str:
+    near = closest(name, known)
+    guess = f"did you mean {near!r}? " if near else ""
+    return f"{guess}known: {', '.join(known)}"
 
 
 def _deadletter_problems(sink: Any) -> Iterator[str]:

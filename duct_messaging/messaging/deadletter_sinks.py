@@ -32,10 +32,19 @@ dlq` lists and replays from every key of that type.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from duct_messaging.messaging._config_check import (
+    Field,
+    Fields,
+    RefTo,
+    Template,
+    as_schema,
+    boolean,
+    text,
+)
 from duct_messaging.messaging._deadletter_files import JsonLinesStore
 from duct_messaging.messaging.deadletter import (
     DeadLetter,
@@ -46,13 +55,12 @@ from duct_messaging.messaging.deadletter import (
     dead_letter_headers,
 )
 from duct_messaging.messaging.producer import send_to_targets
-from duct_messaging.system import CheckContext, component
+from duct_messaging.system import component
 from duct_messaging.transports.base import OutgoingMessage, Target, TransportProducer
 
 # The type every replayable store derives from.
 STORE_TYPE = "duct.deadletter/store"
 DEFAULT_TOPIC_TEMPLATE = "{topic}.dl"
-_PLACEHOLDERS = {"topic": "t", "destination": "d", "subscription": "s"}
 
 __all__ = [
     "DEFAULT_TOPIC_TEMPLATE",
@@ -64,18 +72,8 @@ __all__ = [
 ]
 
 
-def template_problems(template: Any, path: str = "topic") -> list[str]:
-    """Return the problems of a dead-letter topic template."""
-    if not isinstance(template, str) or not template:
-        return [f"{path}: expected a topic name or template, got {template!r}"]
-    try:
-        template.format(**_PLACEHOLDERS)
-    except (KeyError, IndexError, ValueError) as exc:
-        return [
-            f"{path}: {template!r} is not a valid template ({exc!r}); "
-            "placeholders: {topic}, {destination}, {subscription}"
-        ]
-    return []
+#: A dead-letter topic: a name, or a template over these placeholders.
+TOPIC_TEMPLATE = Template("topic", "destination", "subscription")
 
 
 class ProducerSink:
@@ -161,13 +159,31 @@ class HybridSink:
         return await self.storage.mark(ids, status)
 
 
-@component("duct.deadletter/logger")
+LOGGER = Fields({}, noun="setting", hint="The logger sink takes no settings: write {}")
+
+
+@component("duct.deadletter/logger", schema=as_schema(LOGGER))
 def logger(value: Any) -> LoggerSink:
     """Return a sink that logs each dead letter as an ERROR event."""
     return LoggerSink()
 
 
-@component("duct.deadletter/storage", derives_from=STORE_TYPE)
+STORAGE = Fields(
+    {
+        "directory": Field(
+            text(),
+            required=True,
+            hint="the folder that holds one JSON-lines file per topic",
+        ),
+        "fsync": boolean(),
+    },
+    nullable=False,
+)
+
+
+@component(
+    "duct.deadletter/storage", derives_from=STORE_TYPE, schema=as_schema(STORAGE)
+)
 def storage(value: Mapping[str, Any]) -> JsonLinesStore:
     """Return a JSON-lines store in `directory` (created if missing).
 
@@ -179,13 +195,21 @@ def storage(value: Mapping[str, Any]) -> JsonLinesStore:
     )
 
 
-@storage.check
-def _check_storage(value: Any, ctx: CheckContext) -> Iterator[str]:
-    if not isinstance(value, Mapping) or not value.get("directory"):
-        yield "directory: missing (the folder that holds one JSON-lines file per topic)"
+PRODUCER = Fields(
+    {
+        "producers": Field(
+            RefTo("duct.messaging/producers"),
+            required=True,
+            hint="use !ref duct.messaging/producers",
+        ),
+        "client": text(),
+        "topic": TOPIC_TEMPLATE,
+    },
+    nullable=False,
+)
 
 
-@component("duct.deadletter/producer")
+@component("duct.deadletter/producer", schema=as_schema(PRODUCER))
 def producer(value: Mapping[str, Any]) -> ProducerSink:
     """Return a sink publishing dead letters; see `ProducerSink`.
 
@@ -207,28 +231,25 @@ def producer(value: Mapping[str, Any]) -> ProducerSink:
     )
 
 
-@producer.check
-def _check_producer(value: Any, ctx: CheckContext) -> Iterator[str]:
-    if not isinstance(value, Mapping):
-        yield "expected a mapping with 'producers' (!ref duct.messaging/producers)"
-        return
-    if "producers" not in value:
-        yield "producers: missing (use !ref duct.messaging/producers)"
-    if value.get("topic") is not None:
-        yield from template_problems(value["topic"])
+_SINK = "a dead-letter sink (duct.deadletter/*)"
+HYBRID = Fields(
+    {
+        "storage": Field(
+            RefTo("duct.deadletter/storage", what=_SINK),
+            required=True,
+            hint="a !ref to a dead-letter sink, e.g. !ref duct.deadletter/storage",
+        ),
+        "producer": Field(
+            RefTo("duct.deadletter/producer", what=_SINK),
+            required=True,
+            hint="a !ref to a dead-letter sink, e.g. !ref duct.deadletter/producer",
+        ),
+    },
+    nullable=False,
+)
 
 
-@component("duct.deadletter/hybrid")
+@component("duct.deadletter/hybrid", schema=as_schema(HYBRID))
 def hybrid(value: Mapping[str, Any]) -> HybridSink:
     """Return a sink writing to `storage`, then to `producer`."""
     return HybridSink(value["storage"], value["producer"])
-
-
-@hybrid.check
-def _check_hybrid(value: Any, ctx: CheckContext) -> Iterator[str]:
-    if not isinstance(value, Mapping):
-        yield "expected a mapping with 'storage' and 'producer' refs"
-        return
-    for name in ("storage", "producer"):
-        if name not in value:
-            yield f"{name}: missing (a !ref to a dead-letter sink)"

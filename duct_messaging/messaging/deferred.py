@@ -58,6 +58,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 
 from duct_messaging.errors import DuctMessagingError
 from duct_messaging.messaging import _deferred_store as stores
+from duct_messaging.messaging._config_check import RefTo
 from duct_messaging.messaging._deferred_config import (
     DeferredConfigError,
     DeferredSettings,
@@ -499,6 +500,13 @@ async def _halt_deferred(scheduler: DeferredScheduler) -> None:
     await scheduler.aclose()
 
 
+_PRODUCERS = RefTo("duct.messaging/producers")
+
+
 @_scheduler_component.check
 def _check_deferred(value: Any, ctx: CheckContext) -> list[str]:
-    return list(settings_problems(value))
+    problems = list(settings_problems(value))
+    if isinstance(value, Mapping):
+        found = _PRODUCERS.problems(value.get("producers"), ("producers",))
+        problems.extend(str(problem) for problem in found)
+    return problems

@@ -24,10 +24,23 @@ from __future__ import annotations
 
 import builtins
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from duct_messaging.errors import DuctMessagingError
+from duct_messaging.messaging._config_check import (
+    Checked,
+    ConfigPath,
+    FieldProblem,
+    Fields,
+    ListOf,
+    closest,
+    describe,
+    integer,
+    number,
+    text,
+)
 from duct_messaging.messaging._imports import import_object
 
 # Three tries with 100 ms then 200 ms of back-off ride out a broker or
@@ -56,7 +69,13 @@ class RetryPolicy:
 
         Keys: `max_attempts`, `backoff: {initial_ms, multiplier, max_ms,
         jitter}`, `non_retriable: [import paths of exception types]`.
+
+        Raises:
+            RetryConfigError: the section is invalid (every problem listed).
         """
+        problems = retry_problems(config)
+        if problems:
+            raise RetryConfigError(problems)
         backoff = config.get("backoff") or {}
         kinds = tuple(_exception_type(p) for p in config.get("non_retriable") or ())
         return cls(
@@ -93,29 +112,21 @@ class RetryPolicy:
 
 
 def retry_problems(config: Any) -> list[str]:
-    """Return the problems of a `retry` config section, each with its path."""
-    if config is None:
-        return []
-    if not isinstance(config, Mapping):
-        return [f"expected a mapping, got {type(config).__name__}"]
-    problems = []
-    attempts = config.get("max_attempts", DEFAULT_MAX_ATTEMPTS)
-    if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
-        problems.append(f"max_attempts: expected an integer >= 1, got {attempts!r}")
-    backoff = config.get("backoff") or {}
-    if not isinstance(backoff, Mapping):
-        problems.append(f"backoff: expected a mapping, got {type(backoff).__name__}")
-        backoff = {}
-    for name in ("initial_ms", "multiplier", "max_ms", "jitter"):
-        value = backoff.get(name, 0)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-            problems.append(f"backoff.{name}: expected a number >= 0, got {value!r}")
-    for path in config.get("non_retriable") or ():
-        try:
-            _exception_type(path)
-        except (ImportError, AttributeError, TypeError) as exc:
-            problems.append(f"non_retriable: {exc}")
-    return problems
+    """Return the problems of a `retry` config section, each with its path.
+
+    Every `non_retriable` entry is imported; one that fails is named by its
+    index and import path.
+    """
+    return [str(problem) for problem in RETRY.problems(config)]
+
+
+class RetryConfigError(DuctMessagingError, ValueError):
+    """Raised when a `retry` section is invalid; lists every problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        lines = "".join(f"\n  - {problem}" for problem in self.problems)
+        super().__init__(f"Invalid retry settings:{lines}")
 
 
 def _exception_type(path: str) -> type[BaseException]:
@@ -126,3 +137,62 @@ def _exception_type(path: str) -> type[BaseException]:
     if not (isinstance(obj, type) and issubclass(obj, BaseException)):
         raise TypeError(f"{path!r} is not an exception type")
     return obj
+
+
+def _exception_problems(path: str, where: ConfigPath) -> Iterator[FieldProblem]:
+    if "." not in path and ":" not in path:
+        obj = getattr(builtins, path, None)
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            return
+        near = closest(path, _BUILTIN_EXCEPTIONS)
+        guess = f"did you mean {near!r}? Other" if near else "other"
+        yield FieldProblem(
+            where,
+            f"{path!r} is not a builtin exception; {guess} exceptions need "
+            "an import path like 'my_app.errors:Rejected'",
+        )
+        return
+    try:
+        obj = import_object(path)
+    except (ImportError, AttributeError) as exc:
+        yield FieldProblem(where, f"cannot import {path!r}: {exc}")
+        return
+    except Exception as exc:  # the module itself failed while importing
+        yield FieldProblem(
+            where, f"cannot import {path!r}: {type(exc).__name__}: {exc}"
+        )
+        return
+    if not (isinstance(obj, type) and issubclass(obj, BaseException)):
+        yield FieldProblem(where, f"{path!r} is {describe(obj)}, not an exception type")
+
+
+_BUILTIN_EXCEPTIONS = [
+    name
+    for name, obj in vars(builtins).items()
+    if isinstance(obj, type) and issubclass(obj, BaseException)
+]
+
+BACKOFF = Fields(
+    {
+        "initial_ms": number(minimum=0),
+        "multiplier": number(minimum=0),
+        "max_ms": number(minimum=0),
+        "jitter": number(minimum=0, maximum=1),
+    },
+    noun="backoff field",
+    expected="a mapping such as {initial_ms: 100, multiplier: 2.0, max_ms: 5000}",
+)
+
+#: The `retry` section of a routing (defaults, topics, subscriptions).
+RETRY = Fields(
+    {
+        "max_attempts": integer(minimum=1),
+        "backoff": BACKOFF,
+        "non_retriable": ListOf(
+            Checked(text(), _exception_problems),
+            expected="a list of exception types (builtin names or import paths)",
+        ),
+    },
+    noun="retry field",
+    expected="a mapping such as {max_attempts: 3}",
+)

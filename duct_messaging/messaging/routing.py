@@ -20,9 +20,27 @@ from typing import Any, cast
 import structlog
 
 from duct_messaging.errors import DuctMessagingError, MissingExtraError
+from duct_messaging.messaging._config_check import (
+    ANY,
+    ConfigPath,
+    Field,
+    FieldProblem,
+    Fields,
+    Kind,
+    ListOf,
+    MapOf,
+    Template,
+    boolean,
+    closest,
+    describe,
+    format_path,
+    integer,
+    is_ref,
+    text,
+)
 from duct_messaging.messaging._imports import import_object, looks_like_import_path
 from duct_messaging.messaging._merge import deep_merge
-from duct_messaging.messaging.retry import retry_problems
+from duct_messaging.messaging.retry import RETRY
 from duct_messaging.messaging.schemas import (
     SchemaConfigError,
     Validator,
@@ -33,20 +51,107 @@ from duct_messaging.transports.base import Target
 log = structlog.get_logger(__name__)
 
 ROUTING_SECTIONS = ("defaults", "topics", "publish", "subscriptions", "handlers")
-SUBSCRIPTION_FIELDS = frozenset(
+_MERGED_FORM = ("default_routing", "overrides")
+
+#: Dead-letter choices a subscription makes for the producer sink (see
+#: `ProducerSink.route`): the dead-letter topic (a template) and client.
+DEADLETTER = Fields(
     {
-        "topic",
-        "source",
-        "client",
-        "producer",
-        "handler",
-        "options",
-        "deadletter",
-        "retry",
-        "concurrency",
-        "schema",
-        "codec",
-    }
+        "topic": Template("topic", "destination", "subscription"),
+        "client": text(),
+    },
+    noun="dead-letter field",
+    expected="a mapping such as {topic: '{topic}.dl'}",
+)
+
+#: Per-target options the transports read; a target may carry any of them.
+TARGET_OPTIONS: dict[str, Kind] = {
+    "kafka_topic": text(),  # kafka, memory
+    "partition": integer(minimum=0, nullable=True),  # kafka
+    "stream": text(),  # redis, memory
+    "maxlen": integer(minimum=0, nullable=True),  # redis
+    "subject": text(),  # nats, memory
+    "exchange": text(nonempty=False),  # rabbitmq ("" is the default exchange)
+    "exchange_type": text(),  # rabbitmq
+    "routing_key": text(),  # rabbitmq
+    "queue": text(),  # rabbitmq, memory
+    "mandatory": boolean(),  # rabbitmq
+    "destination": text(),  # memory
+}
+_NAME = text(nonempty=False, nullable=True)  # emptiness is a reference check
+
+TARGET = Fields(
+    {"client": _NAME, "producer": _NAME, **TARGET_OPTIONS},
+    noun="target option",
+    nullable=False,
+    expected="a mapping with 'client' (the cluster to send to)",
+)
+
+SUBSCRIPTION = Fields(
+    {
+        "topic": _NAME,
+        "source": _NAME,
+        "client": _NAME,
+        "producer": _NAME,
+        "handler": ANY,
+        "options": MapOf(ANY, expected="a mapping of transport options"),
+        "deadletter": DEADLETTER,
+        "retry": RETRY,
+        "concurrency": integer(minimum=1),
+        "schema": ANY,
+        "codec": text(),
+    },
+    nullable=False,
+)
+SUBSCRIPTION_FIELDS = frozenset(SUBSCRIPTION.fields)
+
+TOPIC = Fields(
+    {
+        "schema": Fields(
+            {"canonical": ANY},
+            noun="schema field",
+            expected="a mapping such as {canonical: [map, [id, uuid]]}",
+        ),
+        "codec": text(),
+        "retry": RETRY,
+        "deadletter": DEADLETTER,
+    },
+    extra=ANY,  # free metadata (kafka_topic, stream, ...), read by transports
+    typo_cutoff=0.8,
+    noun="topic setting",
+    hint="Other keys of a topic are free metadata: rename it if it is metadata",
+)
+
+#: What the merged routing must look like; `routing_issues` adds the checks
+#: that look across sections.
+ROUTING = Fields(
+    {
+        "defaults": Fields(
+            {"retry": RETRY, "deadletter": DEADLETTER}, noun="defaults field"
+        ),
+        "topics": MapOf(TOPIC, expected="a mapping of topic name -> settings"),
+        "publish": MapOf(
+            Fields(
+                {
+                    "targets": Field(
+                        ListOf(TARGET, nonempty=True),
+                        required=True,
+                        hint="a list of targets such as [{client: main}]",
+                    )
+                },
+                noun="publish field",
+                nullable=False,
+            ),
+            expected="a mapping of topic name -> {targets: [...]}",
+        ),
+        "subscriptions": MapOf(
+            SUBSCRIPTION, expected="a mapping of subscription id -> settings"
+        ),
+        "handlers": MapOf(
+            ANY, expected="a mapping of handler name -> import path or !ref"
+        ),
+    },
+    noun="routing section",
 )
 
 
@@ -161,11 +266,16 @@ def merge_routing(value: Mapping[str, Any]) -> dict[str, Any]:
     A plain routing map (no `default_routing` / `overrides`) is returned as a
     copy. `handlers` end up as the union of both sides, overrides winning.
     """
-    if "default_routing" not in value and "overrides" not in value:
+    if not uses_overrides(value):
         return dict(value)
     base = dict(value.get("default_routing") or {})
     overrides = dict(value.get("overrides") or {})
-    handlers = {**(base.get("handlers") or {}), **(overrides.get("handlers") or {})}
+    base_handlers = base.get("handlers") or {}
+    over_handlers = overrides.get("handlers") or {}
+    if not (isinstance(base_handlers, Mapping) and isinstance(over_handlers, Mapping)):
+        # Not mergeable: the check reports the section that is not a mapping.
+        return deep_merge(base, overrides)
+    handlers = {**base_handlers, **over_handlers}
     base.pop("handlers", None)
     overrides.pop("handlers", None)
     merged = deep_merge(base, overrides)
@@ -174,127 +284,193 @@ def merge_routing(value: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def routing_problems(value: Mapping[str, Any]) -> Iterator[str]:
+def uses_overrides(value: Mapping[str, Any]) -> bool:
+    """Tell whether `value` is `default_routing` + `overrides`, not a plain map."""
+    return any(name in value for name in _MERGED_FORM)
+
+
+def routing_problems(value: Any) -> Iterator[str]:
     """Yield every problem of a routing config, each naming its path.
 
     Used both before anything starts (with refs still unresolved) and at
     init. Handler import paths are imported to prove they resolve.
     """
-    if not isinstance(value, Mapping):
-        yield f"expected a mapping, got {type(value).__name__}"
-        return
-    routing = merge_routing(value)
-    extra = set(routing) - set(ROUTING_SECTIONS)
-    for name in sorted(extra):
-        expected = ", ".join(ROUTING_SECTIONS)
-        yield f"{name}: unknown routing section; expected one of {expected}"
-    sections: dict[str, Mapping[str, Any]] = {}
-    for name in ROUTING_SECTIONS:
-        section = routing.get(name) or {}
-        if not isinstance(section, Mapping):
-            yield f"{name}: expected a mapping, got {type(section).__name__}"
-            section = {}
-        sections[name] = section
-    topics = sections["topics"]
-    handlers = sections["handlers"]
+    for problem in routing_issues(value):
+        yield str(problem)
 
+
+def routing_issues(value: Any) -> list[FieldProblem]:
+    """Return every problem of a routing config, each at the path it was written.
+
+    Field names and types are checked against the routing spec; then every
+    topic named by publish and subscriptions must be defined, targets and
+    subscriptions must name a client, handlers must resolve and schemas
+    must compile. With `default_routing` + `overrides`, the merged routing
+    is checked and each problem points into the side that wrote it.
+    """
+    if not isinstance(value, Mapping):
+        expected = "a mapping of routing sections"
+        return [FieldProblem((), f"expected {expected}, got {describe(value)}")]
+    problems = list(_form_problems(value))
+    routing = merge_routing(_mergeable(value))
+    found = ROUTING.problems(routing)
+    found.extend(_reference_problems(routing))
+    problems.extend(FieldProblem(written_at(value, p.path), p.message) for p in found)
+    return problems
+
+
+def written_at(value: Mapping[str, Any], path: ConfigPath) -> ConfigPath:
+    """Return where in `value` the merged-routing `path` was written.
+
+    A plain routing map is its own merged routing. Otherwise the path is in
+    `overrides` when that side holds all of it, else in the side holding
+    the longest part of it (`default_routing` on a tie).
+    """
+    if not uses_overrides(value):
+        return path
+    if _depth(value.get("overrides"), path) == len(path):
+        return ("overrides", *path)
+    side = max(_MERGED_FORM, key=lambda name: _depth(value.get(name), path))
+    return (side, *path)
+
+
+def _depth(tree: Any, path: ConfigPath) -> int:
+    """Return how many leading parts of `path` exist inside `tree`."""
+    depth = 0
+    for part in path:
+        if not _has(tree, part):
+            break
+        tree = tree[part]
+        depth += 1
+    return depth
+
+
+def _has(tree: Any, part: str | int) -> bool:
+    if isinstance(tree, Mapping):
+        return part in tree
+    return isinstance(tree, list) and isinstance(part, int) and part < len(tree)
+
+
+def _form_problems(value: Mapping[str, Any]) -> Iterator[FieldProblem]:
+    """Yield the problems of the `default_routing` + `overrides` frame itself."""
+    if not uses_overrides(value):
+        return
+    for name in _MERGED_FORM:
+        side = value.get(name)
+        if side is not None and not is_ref(side) and not isinstance(side, Mapping):
+            expected = "a mapping of routing sections"
+            yield FieldProblem((name,), f"expected {expected}, got {describe(side)}")
+    for name in value:
+        if name not in _MERGED_FORM:
+            yield FieldProblem(
+                (str(name),),
+                "unknown field next to default_routing and overrides; "
+                "move it under one of them",
+            )
+
+
+def _mergeable(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    if not uses_overrides(value):
+        return value
+    return {name: _section(value, name) for name in _MERGED_FORM}
+
+
+def _reference_problems(routing: Mapping[str, Any]) -> Iterator[FieldProblem]:
+    """Yield what the field checks cannot see: names that point nowhere.
+
+    Parts of the wrong shape are skipped here; the field checks report them.
+    """
+    sections = {name: _section(routing, name) for name in ROUTING_SECTIONS}
+    topics = sections["topics"]
     for topic, spec in sections["publish"].items():
-        path = f"publish.{topic}"
         if topic not in topics:
-            yield f"{path}: topic {topic!r} is not defined under 'topics'"
+            yield FieldProblem(("publish", topic), _undefined_topic(topic, topics))
         targets = spec.get("targets") if isinstance(spec, Mapping) else None
-        if not isinstance(targets, list) or not targets:
-            yield f"{path}.targets: expected a non-empty list of targets"
-            continue
-        for i, target in enumerate(targets):
-            if not isinstance(target, Mapping):
-                yield f"{path}.targets[{i}]: expected a mapping with 'client'"
-            elif not (target.get("client") or target.get("producer")):
-                yield f"{path}.targets[{i}]: missing 'client' (the cluster to send to)"
+        for i, target in enumerate(targets if isinstance(targets, list) else ()):
+            if isinstance(target, Mapping) and not (
+                target.get("client") or target.get("producer")
+            ):
+                yield FieldProblem(
+                    ("publish", topic, "targets", i),
+                    "missing 'client' (the cluster to send to)",
+                )
 
     for sub_id, spec in sections["subscriptions"].items():
-        yield from _subscription_problems(sub_id, spec, topics, handlers)
+        if isinstance(spec, Mapping):
+            yield from _subscription_problems(
+                sub_id, spec, topics, sections["handlers"]
+            )
 
-    yield from _retry_config_problems(sections)
     yield from _schema_problems(topics, sections["subscriptions"])
 
 
-def _retry_config_problems(sections: Mapping[str, Mapping[str, Any]]) -> Iterator[str]:
-    """Check every `retry` section (defaults, topics, subscriptions) before start."""
-    yield from _retry_at("defaults.retry", sections["defaults"].get("retry"))
-    for name in ("topics", "subscriptions"):
-        for key, spec in sections[name].items():
-            if isinstance(spec, Mapping):
-                yield from _retry_at(f"{name}.{key}.retry", spec.get("retry"))
+def _section(routing: Mapping[str, Any], name: str) -> Mapping[Any, Any]:
+    section = routing.get(name)
+    return section if isinstance(section, Mapping) else {}
 
 
-def _retry_at(path: str, config: Any) -> Iterator[str]:
-    if type(config).__name__ in ("Ref", "RefSet"):
-        return
-    for problem in retry_problems(config):
-        # A problem starts with the field it is about, or with "expected"
-        # when the section itself has the wrong shape.
-        sep = ": " if problem.startswith("expected ") else "."
-        yield f"{path}{sep}{problem}"
+def _undefined_topic(topic: Any, topics: Mapping[str, Any]) -> str:
+    near = closest(topic, [str(name) for name in topics])
+    tip = f"; did you mean {near!r}?" if near else ""
+    return f"topic {topic!r} is not defined under 'topics'{tip}"
 
 
 def _schema_problems(
     topics: Mapping[str, Any], subscriptions: Mapping[str, Any]
-) -> Iterator[str]:
+) -> Iterator[FieldProblem]:
     """Compile every schema once, so a malformed one is found before start."""
-    specs = []
+    specs: list[tuple[ConfigPath, Any]] = []
     for name, spec in topics.items():
         schema = spec.get("schema") if isinstance(spec, Mapping) else None
         if isinstance(schema, Mapping) and schema.get("canonical") is not None:
-            specs.append((f"topics.{name}.schema.canonical", schema["canonical"]))
+            specs.append((("topics", name, "schema", "canonical"), schema["canonical"]))
     for sub_id, spec in subscriptions.items():
         if isinstance(spec, Mapping) and spec.get("schema") is not None:
-            specs.append((f"subscriptions.{sub_id}.schema", spec["schema"]))
+            specs.append((("subscriptions", sub_id, "schema"), spec["schema"]))
     for path, schema in specs:
-        if type(schema).__name__ in ("Ref", "RefSet"):
+        if is_ref(schema):
             continue
         try:
-            compile_schema(schema, path=path)
+            compile_schema(schema, path=format_path(path))
         except SchemaConfigError as exc:
-            yield str(exc)
+            yield FieldProblem(path, _schema_reason(exc))
         except MissingExtraError as exc:
-            yield f"{path}: {exc}"
+            yield FieldProblem(path, str(exc))
+
+
+def _schema_reason(exc: SchemaConfigError) -> str:
+    """Return the error without the config path it starts with."""
+    where = f" at {exc.sub_path}" if exc.sub_path else ""
+    full = str(exc)
+    _, sep, rest = full.partition(": ")
+    return f"invalid schema{where}: {rest}" if sep else full
 
 
 def _subscription_problems(
-    sub_id: str, spec: Any, topics: Mapping[str, Any], handlers: Mapping[str, Any]
-) -> Iterator[str]:
-    path = f"subscriptions.{sub_id}"
-    if not isinstance(spec, Mapping):
-        yield f"{path}: expected a mapping"
-        return
-    for name in sorted(set(spec) - SUBSCRIPTION_FIELDS):
-        expected = ", ".join(sorted(SUBSCRIPTION_FIELDS))
-        yield f"{path}.{name}: unknown field; expected one of {expected}"
+    sub_id: str, spec: Mapping[str, Any], topics: Mapping[str, Any], handlers: Any
+) -> Iterator[FieldProblem]:
+    path: ConfigPath = ("subscriptions", sub_id)
     topic = spec.get("topic")
     if not topic:
-        yield f"{path}.topic: missing"
-    elif topic not in topics:
-        yield f"{path}.topic: topic {topic!r} is not defined under 'topics'"
+        yield FieldProblem((*path, "topic"), "missing (a topic under 'topics')")
+    elif isinstance(topic, str) and topic not in topics:
+        yield FieldProblem((*path, "topic"), _undefined_topic(topic, topics))
     if not spec.get("source"):
-        yield f"{path}.source: missing (the transport, e.g. 'kafka')"
+        yield FieldProblem((*path, "source"), "missing (the transport, e.g. 'kafka')")
     if not (spec.get("client") or spec.get("producer")):
-        yield f"{path}.client: missing (the cluster to consume from)"
-    concurrency = spec.get("concurrency", 1)
-    if (
-        not isinstance(concurrency, int)
-        or isinstance(concurrency, bool)
-        or concurrency < 1
-    ):
-        yield f"{path}.concurrency: expected a positive integer, got {concurrency!r}"
+        yield FieldProblem((*path, "client"), "missing (the cluster to consume from)")
     handler = spec.get("handler")
     if handler is None:
-        yield f"{path}.handler: missing"
+        yield FieldProblem(
+            (*path, "handler"),
+            "missing (a name under 'handlers' or an import path like "
+            "'my_app.handlers:on_order')",
+        )
         return
     try:
         resolve_handler(handler, handlers)
     except HandlerResolutionError as exc:
-        yield f"{path}.handler: {exc}"
+        yield FieldProblem((*path, "handler"), str(exc))
 
 
 class HandlerResolutionError(DuctMessagingError, LookupError):

@@ -1,4 +1,4 @@
-"""Pieces the broker transports share: consumer components, option lookup.
+"""Pieces the broker transports share: consumers, client specs, options.
 
 Each transport module registers `duct.<transport>/consumers` through
 `consumers_component`, so the start, drain-on-halt and config check of a
@@ -11,7 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from duct_messaging.messaging.components import consumer_settings, consumers_problems
+from duct_messaging.messaging._config_check import ANY, Kind, MapOf, as_schema
+from duct_messaging.messaging.components import (
+    consumer_settings,
+    consumers_problems,
+    consumers_spec,
+)
 from duct_messaging.messaging.consumer import ConsumerRuntime
 from duct_messaging.messaging.routing import Routing, Subscription
 from duct_messaging.system import CheckContext, Component, component
@@ -34,12 +39,13 @@ def consumers_component(
 
     Init builds the runtime with `make_runtime(clients, routing, **settings)`
     and starts every subscription whose `source` it serves; halt stops intake
-    and drains in-flight handlers; the check reports unknown clients and bad
-    `sources` before anything starts. `extra_settings` names value keys passed
-    to `make_runtime` as they are.
+    and drains in-flight handlers; the schema checks every field and the
+    check reports unknown clients before anything starts. `extra_settings`
+    names value keys passed to `make_runtime` as they are.
     """
+    spec = consumers_spec(transport, dict.fromkeys(extra_settings, ANY))
 
-    @component(f"duct.{transport}/consumers")
+    @component(f"duct.{transport}/consumers", schema=as_schema(spec))
     async def consumers(value: Mapping[str, Any]) -> ConsumerRuntime:
         settings = consumer_settings(value)
         settings.update((k, value[k]) for k in extra_settings if k in value)
@@ -80,17 +86,14 @@ def routed_option(routing: Routing, subscription: Subscription, option: str) -> 
     return None
 
 
-def clients_problems(value: Any, required: str) -> list[str]:
-    """Return the problems of a clients map whose entries need `required`."""
-    if not isinstance(value, Mapping) or not value:
-        return ["expected a mapping of client name -> settings"]
-    problems = []
-    for name, config in value.items():
-        if not isinstance(config, Mapping):
-            problems.append(f"{name}: expected a mapping of settings")
-        elif not config.get(required):
-            problems.append(f"{name}.{required}: missing")
-    return problems
+def clients_spec(client: Kind) -> MapOf:
+    """Return the spec of a clients map whose every entry is `client`."""
+    return MapOf(
+        client,
+        expected="a mapping of client name -> settings",
+        nonempty=True,
+        nullable=False,
+    )
 
 
 def key_header(key: bytes | None) -> dict[str, str]:

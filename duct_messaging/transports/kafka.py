@@ -21,10 +21,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from duct_messaging.errors import MissingExtraError
-from duct_messaging.messaging.components import consumer_settings, consumers_problems
+from duct_messaging.messaging._config_check import (
+    Checked,
+    ConfigPath,
+    FieldProblem,
+    Fields,
+    MapOf,
+    Scalar,
+    as_schema,
+    boolean,
+    integer,
+    number,
+    scalar,
+    text,
+)
+from duct_messaging.messaging.components import (
+    consumer_settings,
+    consumers_problems,
+    consumers_spec,
+    producers_spec,
+)
 from duct_messaging.messaging.consumer import ConsumerRuntime
 from duct_messaging.messaging.routing import Routing, Subscription
 from duct_messaging.system import CheckContext, component
+from duct_messaging.transports._shared import clients_spec
 
 try:
     from confluent_kafka import KafkaError, KafkaException
@@ -130,17 +150,51 @@ class KafkaClient:
                     raise
 
 
+_LIBRDKAFKA = scalar("a librdkafka setting (a string, number or boolean)")
+_ROLE = MapOf(_LIBRDKAFKA, expected="a mapping of librdkafka settings")
+
+#: A Kafka client: librdkafka settings pass through as they are (their
+#: names are librdkafka's, not checked here); the role maps and `topics`
+#: are ours.
+CLIENT = Fields(
+    {
+        "bootstrap_servers": text(),
+        "bootstrap.servers": text(),
+        "producer": _ROLE,
+        "consumer": _ROLE,
+        "admin": _ROLE,
+        "topics": Fields(
+            {
+                "partitions": integer(minimum=1),
+                "replication_factor": Scalar(
+                    "an integer >= 1, or -1 for the broker's default",
+                    lambda v: type(v) is int and (v >= 1 or v == -1),
+                ),
+                "auto_create": boolean(),
+            },
+            noun="topics setting",
+        ),
+    },
+    extra=_LIBRDKAFKA,
+    typo_cutoff=0.8,
+    noun="client setting",
+    nullable=False,
+)
+
+
 def clients_problems(value: Any) -> list[str]:
     """Return the problems of a Kafka clients config, each with its path."""
-    if not isinstance(value, Mapping) or not value:
-        return ["expected a mapping of client name -> settings"]
-    problems = []
-    for name, config in value.items():
-        if not isinstance(config, Mapping):
-            problems.append(f"{name}: expected a mapping of settings")
-        elif not (config.get("bootstrap_servers") or config.get("bootstrap.servers")):
-            problems.append(f"{name}.bootstrap_servers: missing")
-    return problems
+    return [str(problem) for problem in CLIENTS.problems(value)]
+
+
+def _bootstrap_problems(config: Any, path: ConfigPath) -> Iterator[FieldProblem]:
+    if not (config.get("bootstrap_servers") or config.get("bootstrap.servers")):
+        yield FieldProblem(
+            (*path, "bootstrap_servers"), "missing (e.g. 127.0.0.1:9092)"
+        )
+
+
+CLIENTS = clients_spec(Checked(CLIENT, _bootstrap_problems))
 
 
 def make_runtime(
@@ -173,7 +227,7 @@ def make_runtime(
     return ConsumerRuntime(TRANSPORT, routing, make_source, sources=sources, **settings)
 
 
-@component("duct.kafka/clients")
+@component("duct.kafka/clients", schema=as_schema(CLIENTS))
 def clients(value: Mapping[str, Any]) -> dict[str, KafkaClient]:
     """Return one `KafkaClient` per named cluster."""
     return {
@@ -181,12 +235,7 @@ def clients(value: Mapping[str, Any]) -> dict[str, KafkaClient]:
     }
 
 
-@clients.check
-def _check_clients(value: Any, ctx: CheckContext) -> list[str]:
-    return clients_problems(value)
-
-
-@component("duct.kafka/producers")
+@component("duct.kafka/producers", schema=as_schema(producers_spec(TRANSPORT)))
 async def producers(value: Mapping[str, Any]) -> dict[str, KafkaProducer]:
     """Return one producer per Kafka cluster, by client name."""
     loop = asyncio.get_running_loop()
@@ -203,7 +252,13 @@ async def _halt_producers(registry: Mapping[str, KafkaProducer]) -> None:
     )
 
 
-@component("duct.kafka/consumers")
+CONSUMERS = consumers_spec(
+    TRANSPORT,
+    {name: number(minimum=0, nullable=True) for name in KAFKA_CONSUMER_SETTINGS},
+)
+
+
+@component("duct.kafka/consumers", schema=as_schema(CONSUMERS))
 async def consumers(value: Mapping[str, Any]) -> ConsumerRuntime:
     """Start the subscriptions whose `source` is `kafka` (or `sources`).
 

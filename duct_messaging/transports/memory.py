@@ -20,7 +20,13 @@ from typing import Any
 
 import structlog
 
-from duct_messaging.messaging.components import consumer_settings, consumers_problems
+from duct_messaging.messaging._config_check import Fields, MapOf, as_schema
+from duct_messaging.messaging.components import (
+    consumer_settings,
+    consumers_problems,
+    consumers_spec,
+    producers_spec,
+)
 from duct_messaging.messaging.consumer import ConsumerRuntime
 from duct_messaging.messaging.routing import Routing, Subscription
 from duct_messaging.system import CheckContext, component
@@ -268,13 +274,23 @@ def _routed_destination(routing: Routing, subscription: Subscription) -> str:
     return subscription.topic
 
 
-@component("duct.memory/clients")
+CLIENTS = MapOf(
+    Fields(
+        {},
+        noun="setting",
+        hint="A memory client takes no settings: write `name: {}`",
+    ),
+    expected="a mapping of client name -> {}",
+)
+
+
+@component("duct.memory/clients", schema=as_schema(CLIENTS))
 def clients(value: Mapping[str, Any] | None) -> MemoryClients:
     """Return one in-memory cluster per client name."""
     return MemoryClients({name: MemoryBroker(name) for name in value or {}})
 
 
-@component("duct.memory/producers")
+@component("duct.memory/producers", schema=as_schema(producers_spec(TRANSPORT)))
 def producers(value: Mapping[str, Any]) -> dict[str, MemoryProducer]:
     """Return one producer per in-memory cluster, by client name."""
     return {
@@ -282,7 +298,7 @@ def producers(value: Mapping[str, Any]) -> dict[str, MemoryProducer]:
     }
 
 
-@component("duct.memory/consumers")
+@component("duct.memory/consumers", schema=as_schema(consumers_spec(TRANSPORT)))
 async def consumers(value: Mapping[str, Any]) -> ConsumerRuntime:
     """Start the subscriptions served from in-memory clusters.
 

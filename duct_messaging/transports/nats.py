@@ -59,13 +59,28 @@ import structlog
 
 from duct_messaging.errors import DuctMessagingError, MissingExtraError
 from duct_messaging.messaging import envelope
+from duct_messaging.messaging._config_check import (
+    ANY,
+    Choice,
+    Field,
+    Fields,
+    Kind,
+    ListOf,
+    MapOf,
+    OneOf,
+    as_schema,
+    integer,
+    number,
+    text,
+)
+from duct_messaging.messaging.components import producers_spec
 from duct_messaging.messaging.consumer import ConsumerRuntime
 from duct_messaging.messaging.deadletter import HEADER_PREFIX
 from duct_messaging.messaging.retry import RetryPolicy
 from duct_messaging.messaging.routing import Routing, Subscription
-from duct_messaging.system import CheckContext, component
+from duct_messaging.system import component
 from duct_messaging.transports._shared import (
-    clients_problems,
+    clients_spec,
     consumers_component,
     key_from_headers,
     key_header,
@@ -575,7 +590,51 @@ def make_runtime(
     return ConsumerRuntime(TRANSPORT, routing, make_source, sources=sources, **settings)
 
 
-@component("duct.nats/clients")
+_SUBJECTS = ListOf(text(), nonempty=True, nullable=False)
+_LIMIT = integer(minimum=-1)  # -1: no limit
+# One kind per field of STREAM_FIELDS.
+STREAM_SPEC: dict[str, Field | Kind] = {
+    "subjects": Field(_SUBJECTS, required=True, hint="e.g. [orders.>]"),
+    "storage": Choice(*(kind.value for kind in api.StorageType)),
+    "retention": Choice(*(kind.value for kind in api.RetentionPolicy)),
+    "discard": Choice(*(kind.value for kind in api.DiscardPolicy)),
+    "max_age_s": number(minimum=0),
+    "max_msgs": _LIMIT,
+    "max_bytes": _LIMIT,
+    "max_msg_size": _LIMIT,
+    "max_msgs_per_subject": _LIMIT,
+    "duplicate_window_s": number(minimum=0),
+    "replicas": integer(minimum=1),
+    "description": text(nonempty=False),
+}
+CLIENTS = clients_spec(
+    Fields(
+        {
+            "servers": Field(
+                OneOf(
+                    ListOf(text(), nonempty=True),
+                    text(),
+                    expected="a server URL or a list of them",
+                ),
+                required=True,
+                hint="e.g. nats://127.0.0.1:4222",
+            ),
+            "publish_timeout_s": number(minimum=0),
+            "streams": MapOf(
+                Fields(STREAM_SPEC, noun="stream field", nullable=False),
+                expected="a mapping of stream name -> config",
+            ),
+            "options": MapOf(
+                ANY, expected="a mapping of keyword arguments for nats.connect"
+            ),
+        },
+        noun="NATS client setting",
+        nullable=False,
+    )
+)
+
+
+@component("duct.nats/clients", schema=as_schema(CLIENTS))
 async def clients(value: Mapping[str, Any]) -> dict[str, NatsClient]:
     """Connect one `NatsClient` per name and provision the declared streams."""
     registry = {
@@ -601,52 +660,7 @@ async def _close_clients(registry: Mapping[str, NatsClient]) -> None:
     )
 
 
-@clients.check
-def _check_clients(value: Any, ctx: CheckContext) -> list[str]:
-    problems = clients_problems(value, "servers")
-    if problems:
-        return problems
-    for name, config in value.items():
-        streams = config.get("streams") or {}
-        if not isinstance(streams, Mapping):
-            problems.append(
-                f"{name}.streams: expected a mapping of stream name -> config"
-            )
-            continue
-        for stream, spec in streams.items():
-            problems.extend(_stream_problems(f"{name}.streams.{stream}", spec))
-    return problems
-
-
-def _stream_problems(path: str, spec: Any) -> list[str]:
-    if not isinstance(spec, Mapping):
-        return [f"{path}: expected a mapping with at least 'subjects'"]
-    known = ", ".join(STREAM_FIELDS)
-    problems = [
-        f"{path}.{key}: unknown stream field; expected one of {known}"
-        for key in spec
-        if key not in STREAM_FIELDS
-    ]
-    subjects = spec.get("subjects")
-    if not isinstance(subjects, list) or not subjects:
-        problems.append(f"{path}.subjects: expected a non-empty list of subjects")
-    for key, kind in _ENUM_FIELDS.items():
-        if key in spec:
-            allowed = _enum_values(kind)
-            if spec[key] not in allowed:
-                problems.append(
-                    f"{path}.{key}: expected one of {', '.join(allowed)}, "
-                    f"got {spec[key]!r}"
-                )
-    return problems
-
-
-def _enum_values(kind: Any) -> list[str]:
-    values: list[str] = [str(member.value) for member in kind]
-    return values
-
-
-@component("duct.nats/producers")
+@component("duct.nats/producers", schema=as_schema(producers_spec(TRANSPORT)))
 def producers(value: Mapping[str, Any]) -> dict[str, NatsProducer]:
     """Return one producer per NATS client, by client name."""
     return {name: NatsProducer(client) for name, client in value["clients"].items()}

@@ -48,12 +48,24 @@ import structlog
 
 from duct_messaging.errors import DuctMessagingError, MissingExtraError
 from duct_messaging.messaging import envelope
+from duct_messaging.messaging._config_check import (
+    ANY,
+    Choice,
+    Field,
+    Fields,
+    MapOf,
+    as_schema,
+    boolean,
+    integer,
+    text,
+)
+from duct_messaging.messaging.components import producers_spec
 from duct_messaging.messaging.consumer import ConsumerRuntime
 from duct_messaging.messaging.envelope import decode_headers
 from duct_messaging.messaging.routing import Routing, Subscription
-from duct_messaging.system import CheckContext, component
+from duct_messaging.system import component
 from duct_messaging.transports._shared import (
-    clients_problems,
+    clients_spec,
     consumers_component,
     key_from_headers,
     key_header,
@@ -515,7 +527,27 @@ def make_runtime(
     return ConsumerRuntime(TRANSPORT, routing, make_source, sources=sources, **settings)
 
 
-@component("duct.rabbitmq/clients")
+CLIENTS = clients_spec(
+    Fields(
+        {
+            "url": Field(
+                text(), required=True, hint="e.g. amqp://guest:guest@127.0.0.1:5672/"
+            ),
+            "exchange_type": Choice(*(kind.value for kind in aio_pika.ExchangeType)),
+            "prefetch": integer(minimum=0),
+            "confirm_window": integer(minimum=1),
+            "mandatory": boolean(),
+            "options": MapOf(
+                ANY, expected="a mapping of keyword arguments for connect_robust"
+            ),
+        },
+        noun="RabbitMQ client setting",
+        nullable=False,
+    )
+)
+
+
+@component("duct.rabbitmq/clients", schema=as_schema(CLIENTS))
 async def clients(value: Mapping[str, Any]) -> dict[str, RabbitClient]:
     """Connect one `RabbitClient` per name."""
     registry = {
@@ -541,12 +573,7 @@ async def _close_clients(registry: Mapping[str, RabbitClient]) -> None:
     )
 
 
-@clients.check
-def _check_clients(value: Any, ctx: CheckContext) -> list[str]:
-    return clients_problems(value, "url")
-
-
-@component("duct.rabbitmq/producers")
+@component("duct.rabbitmq/producers", schema=as_schema(producers_spec(TRANSPORT)))
 async def producers(value: Mapping[str, Any]) -> dict[str, RabbitProducer]:
     """Return one producer (with its confirm channel) per client, by name."""
     registry = {

@@ -47,10 +47,20 @@ from typing import Any
 import structlog
 
 from duct_messaging.errors import DuctMessagingError, MissingExtraError
+from duct_messaging.messaging._config_check import (
+    ANY,
+    Field,
+    Fields,
+    MapOf,
+    as_schema,
+    integer,
+    text,
+)
+from duct_messaging.messaging.components import producers_spec
 from duct_messaging.messaging.consumer import ConsumerRuntime
 from duct_messaging.messaging.routing import Routing, Subscription
-from duct_messaging.system import CheckContext, component
-from duct_messaging.transports._shared import clients_problems, consumers_component
+from duct_messaging.system import component
+from duct_messaging.transports._shared import clients_spec, consumers_component
 from duct_messaging.transports.base import Delivery, OutgoingMessage, Receipt, Target
 
 try:
@@ -506,7 +516,23 @@ def make_runtime(
     return ConsumerRuntime(TRANSPORT, routing, make_source, sources=sources, **settings)
 
 
-@component("duct.redis/clients")
+CLIENTS = clients_spec(
+    Fields(
+        {
+            "url": Field(text(), required=True, hint="e.g. redis://127.0.0.1:6379/0"),
+            "maxlen": integer(minimum=0, nullable=True),
+            "claim_idle_ms": integer(minimum=0),
+            "options": MapOf(
+                ANY, expected="a mapping of keyword arguments for Redis.from_url"
+            ),
+        },
+        noun="Redis client setting",
+        nullable=False,
+    )
+)
+
+
+@component("duct.redis/clients", schema=as_schema(CLIENTS))
 async def clients(value: Mapping[str, Any]) -> dict[str, RedisClient]:
     """Return one `RedisClient` per named server, each checked with a PING."""
     registry = {
@@ -537,12 +563,7 @@ async def _close_clients(registry: Mapping[str, RedisClient]) -> None:
     )
 
 
-@clients.check
-def _check_clients(value: Any, ctx: CheckContext) -> list[str]:
-    return clients_problems(value, "url")
-
-
-@component("duct.redis/producers")
+@component("duct.redis/producers", schema=as_schema(producers_spec(TRANSPORT)))
 def producers(value: Mapping[str, Any]) -> dict[str, RedisProducer]:
     """Return one producer per Redis client, by client name."""
     return {name: RedisProducer(client) for name, client in value["clients"].items()}

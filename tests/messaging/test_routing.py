@@ -274,7 +274,8 @@ class TestRetryCheck:
         assert caught.value.problems == [
             "defaults.retry.max_attempts: expected an integer >= 1, got 0",
             "topics.orders.retry.backoff.initial_ms: expected a number >= 0, got -1",
-            "subscriptions.worker.retry.non_retriable: "
+            "subscriptions.worker.retry.non_retriable[0]: cannot import "
+            "'no_such_module_for_retry:Boom': "
             "No module named 'no_such_module_for_retry'",
         ]
 
@@ -284,7 +285,8 @@ class TestRetryCheck:
             build_routing(_retry_routing(subscription=[3]))
 
         assert caught.value.problems == [
-            "subscriptions.worker.retry: expected a mapping, got list"
+            "subscriptions.worker.retry: expected a mapping such as "
+            "{max_attempts: 3}, got a list"
         ]
 
     def test_good_retry_sections_pass(self) -> None:
@@ -317,9 +319,10 @@ class TestRetryCheck:
             init(config)
 
         assert caught.value.problems == [
-            "duct.messaging/routing: defaults.retry.max_attempts: "
+            "duct.messaging/routing.defaults.retry.max_attempts: "
             "expected an integer >= 1, got 0",
-            "duct.messaging/routing: subscriptions.worker.retry.non_retriable: "
+            "duct.messaging/routing.subscriptions.worker.retry.non_retriable[0]: "
+            "cannot import 'no_such_module_for_retry:Boom': "
             "No module named 'no_such_module_for_retry'",
         ]
 
@@ -355,8 +358,9 @@ class TestRetryCheck:
         assert code == 1
         assert err == [
             f"{config}: 2 problems",
-            "  - duct.messaging/routing: defaults.retry.max_attempts: expected an "
-            f"integer >= 1, got 0 [{config}:2]",
-            "  - duct.messaging/routing: subscriptions.worker.retry.non_retriable: "
-            f"No module named 'no_such_module_for_retry' [{config}:2]",
+            "  - duct.messaging/routing.defaults.retry.max_attempts: expected an "
+            f"integer >= 1, got 0 [{config}:3]",
+            "  - duct.messaging/routing.subscriptions.worker.retry.non_retriable[0]: "
+            "cannot import 'no_such_module_for_retry:Boom': "
+            f"No module named 'no_such_module_for_retry' [{config}:11]",
         ]
