@@ -44,6 +44,19 @@ never delivers a terminated message again, whatever `max_deliver` says, and
 publishes a `MSG_TERMINATED` advisory for it), naks a released one with the
 subscription's retry delay, and on stop naks what it fetched but never
 handed out.
+
+Held messages stay ours. A message the source fetched and has not settled
+(queued behind others, in a handler, or waiting out a retry back-off) is
+kept alive with progress acks (`+WPI`): a timer of the source sends one,
+every `ack_wait_s / 4`, for each message held longer than `ack_wait_s / 2`
+since it was fetched or last kept alive. JetStream therefore redelivers a
+held message only when this process stalls (its event loop blocked for
+about `ack_wait_s / 2`) or its connection is down for that long; a crashed
+process's messages come again after `ack_wait_s`. A fetch asks for no more
+than `max_ack_pending` minus what the source holds, since the server hands
+out no more anyway. A durable consumer recreated after someone deleted it
+starts at the lowest sequence this source fetched and has not acked or
+terminated (released ones included), so nothing it skipped is lost.
 """
 
 from __future__ import annotations
@@ -109,6 +122,8 @@ DEFAULT_MAX_ACK_PENDING = 1000
 # After this long without messages a source checks that its durable consumer
 # still exists: pulls from a deleted consumer just time out, silently.
 DEFAULT_CONSUMER_CHECK_S = 5.0
+# The shortest pull a fetch makes: a round trip to the server.
+MIN_FETCH_TIMEOUT_S = 0.005
 # YAML field -> nats-py StreamConfig field.
 STREAM_FIELDS = {
     "subjects": "subjects",
@@ -421,6 +436,12 @@ class NatsSource:
         )
         self._next_check = 0.0
         self._acked_seq = 0
+        # Fetched and not acked or terminated, by stream sequence; released
+        # ones stay until they come again and are settled.
+        self._unsettled: set[int] = set()
+        # Fetched and not settled or released, by id(msg): [msg, last touched].
+        self._held: dict[int, list[Any]] = {}
+        self._keeper: asyncio.Task[None] | None = None
         self._client = client
         self._policy = RetryPolicy.from_config(subscription.retry)
         self._sub: Any = None
@@ -442,6 +463,29 @@ class NatsSource:
                 "no JetStream stream captures this subject; declare one under "
                 "the client's `streams`",
             ) from exc
+        self._keeper = asyncio.get_running_loop().create_task(
+            self._keep_alive(), name=f"duct-nats-keepalive-{self.subscription}"
+        )
+
+    async def _keep_alive(self) -> None:
+        """Send progress acks for messages held longer than half of `ack_wait_s`."""
+        interval = max(self.ack_wait_s / 4, 0.01)
+        stale_after = self.ack_wait_s / 2
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            stale = [h for h in self._held.values() if now - h[1] >= stale_after]
+            try:
+                for held in stale:
+                    await held[0].in_progress()
+                    held[1] = now
+            except nats.errors.Error as exc:
+                log.warning(
+                    "nats_keep_alive_failed",
+                    subscription=self.subscription,
+                    count=len(stale),
+                    error=repr(exc),
+                )
 
     async def _ensure_consumer(self, start_seq: int | None = None) -> None:
         js = self._client.js
@@ -480,17 +524,28 @@ class NatsSource:
             )
 
     async def fetch(self, max_messages: int, timeout: float) -> Sequence[Delivery]:
-        """Pull up to `max_messages`, waiting at most `timeout` seconds."""
+        """Pull up to `max_messages`, waiting at most `timeout` seconds.
+
+        A `timeout` of 0 (a back-off ending now) still waits a moment for
+        the server: nats-py refuses a fetch without one.
+        """
+        timeout = max(timeout, MIN_FETCH_TIMEOUT_S)
+        if self.max_ack_pending > 0:
+            room = self.max_ack_pending - len(self._held)
+            max_messages = max(min(max_messages, room), 1)
         try:
             messages = await self._sub.fetch(max_messages, timeout=timeout)
         except TimeoutError:  # nats-py raises its own subclass or asyncio's
             await self._check_consumer()
             return []
-        self._next_check = time.monotonic() + self.consumer_check_s
+        now = time.monotonic()
+        self._next_check = now + self.consumer_check_s
         out = []
         for msg in messages:
             headers = dict(msg.headers or {})
             metadata = msg.metadata
+            self._held[id(msg)] = [msg, now]
+            self._unsettled.add(int(metadata.sequence.stream))
             out.append(
                 Delivery(
                     body=msg.data,
@@ -511,37 +566,68 @@ class NatsSource:
             return
         self._next_check = now + self.consumer_check_s
         try:
-            await self._client.js.consumer_info(self.stream, self.durable)
+            info = await self._client.js.consumer_info(self.stream, self.durable)
         except nats.js.errors.NotFoundError:
+            resume = self._resume_seq()
             log.warning(
                 "nats_consumer_recreated",
                 subscription=self.subscription,
                 stream=self.stream,
                 durable=self.durable,
+                start_seq=resume,
             )
-            # Resume after what this source acked, not from the stream start.
-            resume = self._acked_seq + 1 if self._acked_seq else None
             await self._ensure_consumer(resume)
+            return
+        # Released messages another instance settled meanwhile: forget them.
+        floor = int(info.ack_floor.stream_seq or 0)
+        self._unsettled = {seq for seq in self._unsettled if seq > floor}
+
+    def _resume_seq(self) -> int | None:
+        """Return where a recreated consumer starts: nothing unsettled is skipped.
+
+        That is the lowest sequence fetched and not acked or terminated
+        (released, backing off or in a handler), else the one after the
+        highest acked; None (the stream start) when nothing was fetched.
+        """
+        if self._unsettled:
+            return min(self._unsettled)
+        return self._acked_seq + 1 if self._acked_seq else None
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Acknowledge `deliveries`; the writes go out together."""
         for delivery in deliveries:
             await delivery.handle.ack()
-            self._acked_seq = max(self._acked_seq, int(delivery.position))  # type: ignore[arg-type]
+            self._settled(delivery)
 
     async def reject(self, deliveries: Sequence[Delivery]) -> None:
         """Terminate dead-lettered `deliveries`: JetStream never redelivers them."""
         for delivery in deliveries:
             await delivery.handle.term()
-            self._acked_seq = max(self._acked_seq, int(delivery.position))  # type: ignore[arg-type]
+            self._settled(delivery)
+
+    def _settled(self, delivery: Delivery) -> None:
+        seq = int(delivery.position)  # type: ignore[arg-type]
+        self._held.pop(id(delivery.handle), None)
+        self._unsettled.discard(seq)
+        self._acked_seq = max(self._acked_seq, seq)
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
         """Nak `deliveries` so they come back after the retry back-off."""
         for delivery in deliveries:
+            self._held.pop(id(delivery.handle), None)
             await delivery.handle.nak(delay=self._policy.delay(delivery.attempt))
 
     async def stop(self) -> None:
-        """Nak what was pulled but never fetched, unsubscribe and flush."""
+        """Nak what was pulled but never fetched, unsubscribe and flush.
+
+        Messages still held (a handler abandoned at the drain deadline) are
+        no longer kept alive: they come again after `ack_wait_s`.
+        """
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+            self._keeper = None
+        self._held.clear()
         if self._sub is None:
             return
         for msg in _buffered(self._sub):

@@ -199,8 +199,28 @@ def amqp_message(message: OutgoingMessage) -> Any:
     )
 
 
+# Most (target, topic) pairs a producer remembers how to publish to; past
+# this (targets built per call) it forgets them all and starts again.
+MAX_PLANS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How to publish one topic to one target, worked out once."""
+
+    target: Target  # held so that its id() names it while the plan is cached
+    exchange: str
+    routing_key: str
+    mandatory: bool
+    topology: tuple[str, str, str | None, str]
+
+
 class RabbitProducer:
-    """Publishes to exchanges of one RabbitMQ client, with publisher confirms."""
+    """Publishes to exchanges of one RabbitMQ client, with publisher confirms.
+
+    What a target means (exchange, routing key, `mandatory`, the topology
+    to declare) is worked out on its first send for a topic and reused.
+    """
 
     transport = TRANSPORT
 
@@ -213,6 +233,7 @@ class RabbitProducer:
         self._declared: dict[
             tuple[str, str, str | None, str], asyncio.Future[None]
         ] = {}
+        self._plans: dict[tuple[int, str], _Plan] = {}
 
     async def open(self) -> None:
         """Open the confirm channel."""
@@ -231,15 +252,16 @@ class RabbitProducer:
 
     async def send(self, target: Target, message: OutgoingMessage) -> Receipt:
         """Publish `message`; return once the broker confirmed it."""
-        exchange = self.destination(target, message.topic)
-        routing_key = str(target.option("routing_key") or message.topic)
-        await self._ensure_topology(target, exchange, routing_key)
-        mandatory = bool(target.option("mandatory", self._rabbit_client.mandatory))
+        plan = self._plans.get((id(target), message.topic))
+        if plan is None or plan.target is not target:
+            plan = self._plan(target, message.topic)
+        exchange, routing_key = plan.exchange, plan.routing_key
+        await self._ensure_topology(plan)
         publisher = await self._exchange(exchange)
         async with self._window:
             try:
                 result = await publisher.publish(
-                    amqp_message(message), routing_key, mandatory=mandatory
+                    amqp_message(message), routing_key, mandatory=plan.mandatory
                 )
             except (
                 aio_pika.exceptions.AMQPError,
@@ -288,16 +310,30 @@ class RabbitProducer:
             self._exchanges[name] = exchange
         return exchange
 
-    async def _ensure_topology(
-        self, target: Target, exchange: str, routing_key: str
-    ) -> None:
+    def _plan(self, target: Target, topic: str) -> _Plan:
+        exchange = self.destination(target, topic)
+        routing_key = str(target.option("routing_key") or topic)
         exchange_type = str(
             target.option("exchange_type") or self._rabbit_client.exchange_type
         )
         queue = target.option("queue")
-        key = (exchange, exchange_type, queue, routing_key)
+        plan = _Plan(
+            target=target,
+            exchange=exchange,
+            routing_key=routing_key,
+            mandatory=bool(target.option("mandatory", self._rabbit_client.mandatory)),
+            topology=(exchange, exchange_type, queue, routing_key),
+        )
+        if len(self._plans) >= MAX_PLANS:
+            self._plans.clear()
+        self._plans[(id(target), topic)] = plan
+        return plan
+
+    async def _ensure_topology(self, plan: _Plan) -> None:
+        key = plan.topology
         declared = self._declared.get(key)
         if declared is None:
+            exchange, exchange_type, queue, routing_key = key
             declared = asyncio.get_running_loop().create_future()
             self._declared[key] = declared
             try:
@@ -482,7 +518,9 @@ class RabbitSource:
             if self._consumer_tag is not None:
                 await self._queue.cancel(self._consumer_tag)
             await self._channel.close()
-        except aio_pika.exceptions.AMQPError as exc:
+        except (aio_pika.exceptions.AMQPError, RuntimeError) as exc:
+            # RuntimeError: aiormq's ChannelInvalidStateError, a channel
+            # that closed already (the broker or a connection loss did).
             log.warning(
                 "rabbitmq_consumer_stop_failed",
                 subscription=self.subscription,

@@ -31,6 +31,15 @@ running in one process). A source first re-reads entries its name still
 holds (after a restart in the same process, or a release), then claims
 entries other consumers left idle longer than `claim_idle_ms` (XAUTOCLAIM),
 then reads new ones. Each fetched batch is acknowledged with one XACK.
+
+Held entries stay ours. Entries a source fetched and has not acknowledged
+or released (queued behind others, in a handler, or waiting out a retry
+back-off) are never claimed again by that source, and a timer of the
+source resets their idle time (`XCLAIM <self> 0 <ids> JUSTID`, which does
+not count as a delivery) every `claim_idle_ms / 4` for those held longer
+than `claim_idle_ms / 2`. So another consumer claims a held entry only when
+this process stalls or loses Redis for about `claim_idle_ms / 2`; claiming
+another consumer's entries is a recovery and is logged as a warning.
 """
 
 from __future__ import annotations
@@ -219,13 +228,46 @@ class RedisProducer:
     def _enqueue(
         self, stream: str, target: Target, entries: list[dict[bytes, bytes]]
     ) -> asyncio.Future[list[bytes]]:
-        maxlen = target.option("maxlen", self._redis_client.maxlen)
+        wanted = target.option("maxlen", self._redis_client.maxlen)
+        maxlen = _maxlen(wanted)
+        if maxlen is not None and maxlen < 0:
+            raise RedisTransportError(
+                self.client,
+                f"XADD to {stream}",
+                f"maxlen must be a whole number >= 0, got {wanted!r}",
+            )
         future: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
-        adds = _PendingAdds(stream, entries, int(maxlen) if maxlen else None, future)
+        adds = _PendingAdds(stream, entries, maxlen or None, future)
         self._queue.append(adds)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
+            self._flusher.add_done_callback(self._flush_ended)
         return future
+
+    def _flush_ended(self, task: asyncio.Task[None]) -> None:
+        """Fail what a dead flush task left queued, and log why it died.
+
+        A task cancelled before its first step never ran `_flush`, so its
+        own clean-up did not run either.
+        """
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.error("redis_flush_failed", client=self.client, error=repr(error))
+        if self._flusher is task and self._queue:
+            queued, self._queue = self._queue, []
+            self._fail(queued, error or asyncio.CancelledError())
+
+    def _fail(self, calls: Sequence[_PendingAdds], exc: BaseException) -> None:
+        reason = (
+            "the send was cancelled: the producer is shutting down"
+            if isinstance(exc, asyncio.CancelledError)
+            else repr(exc)
+        )
+        for adds in calls:
+            if not adds.future.done():
+                adds.future.set_exception(
+                    RedisTransportError(self.client, f"XADD to {adds.stream}", reason)
+                )
 
     async def aclose(self) -> None:
         """Wait until every queued XADD was written (or failed)."""
@@ -233,22 +275,37 @@ class RedisProducer:
             await asyncio.gather(self._flusher, return_exceptions=True)
 
     async def _flush(self) -> None:
-        while self._queue:
-            calls = self._take()
-            pipe = self._redis_client.redis.pipeline(transaction=False)
-            for adds in calls:
-                for fields in adds.entries:
-                    pipe.xadd(adds.stream, fields, maxlen=adds.maxlen, approximate=True)
-            try:
-                results = await pipe.execute(raise_on_error=False)
-            except (RedisError, OSError) as exc:
-                results = [exc] * sum(len(adds.entries) for adds in calls)
-            for adds in calls:
-                answered, results = (
-                    results[: len(adds.entries)],
-                    results[len(adds.entries) :],
-                )
-                self._answer(adds, answered)
+        """Write queued XADDs, one pipeline at a time, until the queue is empty.
+
+        Whatever ends this task early (a bug, a cancellation) fails every
+        call it took and every call still queued before it propagates, so
+        no `send` waits forever.
+        """
+        calls: list[_PendingAdds] = []
+        try:
+            while self._queue:
+                calls = self._take()
+                pipe = self._redis_client.redis.pipeline(transaction=False)
+                for adds in calls:
+                    for fields in adds.entries:
+                        pipe.xadd(
+                            adds.stream, fields, maxlen=adds.maxlen, approximate=True
+                        )
+                try:
+                    results = await pipe.execute(raise_on_error=False)
+                except (RedisError, OSError) as exc:
+                    results = [exc] * sum(len(adds.entries) for adds in calls)
+                for adds in calls:
+                    answered, results = (
+                        results[: len(adds.entries)],
+                        results[len(adds.entries) :],
+                    )
+                    self._answer(adds, answered)
+                calls = []
+        except BaseException as exc:
+            queued, self._queue = self._queue, []
+            self._fail([*calls, *queued], exc)
+            raise
 
     def _take(self) -> list[_PendingAdds]:
         """Take queued calls worth up to `MAX_PIPELINE` XADDs (at least one)."""
@@ -303,7 +360,8 @@ class _ReadState:
     replay_from: str | None = "0"
     claim_cursor: str = "0-0"
     next_claim_at: float = 0.0
-    held: set[str] = field(default_factory=set)
+    # Entry id -> when it was fetched or last kept alive (monotonic).
+    held: dict[str, float] = field(default_factory=dict)
 
 
 class RedisSource:
@@ -327,6 +385,7 @@ class RedisSource:
         self._claim_interval_s = min(
             max(self.claim_idle_ms / 2000, 0.05), MAX_CLAIM_INTERVAL_S
         )
+        self._keeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Create the group (and stream) if missing and pick a consumer name."""
@@ -335,6 +394,36 @@ class RedisSource:
             self.consumer = f"{socket.gethostname()}:{os.getpid()}:{self._slot}"
         await self._ensure_group()
         self._state.next_claim_at = time.monotonic() + self._claim_interval_s
+        self._keeper = asyncio.get_running_loop().create_task(
+            self._keep_alive(), name=f"duct-redis-keepalive-{self.subscription}"
+        )
+
+    async def _keep_alive(self) -> None:
+        """Reset the idle time of entries held longer than half of `claim_idle_ms`."""
+        interval = max(self.claim_idle_ms / 4000, 0.01)
+        stale_after = self.claim_idle_ms / 2000
+        held = self._state.held
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            stale = [i for i, touched in held.items() if now - touched >= stale_after]
+            try:
+                for start in range(0, len(stale), MAX_PIPELINE):
+                    chunk = stale[start : start + MAX_PIPELINE]
+                    await self._redis.xclaim(
+                        self.stream, self.group, self.consumer, 0, chunk, justid=True
+                    )
+                    for entry_id in chunk:
+                        if entry_id in held:
+                            held[entry_id] = now
+            except (RedisError, OSError) as exc:
+                log.warning(
+                    "redis_keep_alive_failed",
+                    subscription=self.subscription,
+                    stream=self.stream,
+                    count=len(stale),
+                    error=repr(exc),
+                )
 
     async def _ensure_group(self) -> None:
         try:
@@ -359,7 +448,8 @@ class RedisSource:
             await self._ensure_group()
             self._state.replay_from = "0"
             return []
-        self._state.held.update(str(d.position) for d in batch)
+        now = time.monotonic()
+        self._state.held.update((str(d.position), now) for d in batch)
         return batch
 
     async def _fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
@@ -419,17 +509,23 @@ class RedisSource:
         self._state.claim_cursor = (
             cursor.decode() if isinstance(cursor, bytes) else str(cursor)
         )
+        # XAUTOCLAIM returns this consumer's own idle entries too: the ones
+        # it still holds are in hand already, not lost.
+        held = self._state.held
         claimed = [
             delivery_from_entry(self.stream, entry_id, fields)
             for entry_id, fields in entries
-            if fields
+            if fields and _text(entry_id) not in held
         ]
         if claimed:
-            log.info(
+            log.warning(
                 "redis_entries_claimed",
                 subscription=self.subscription,
                 stream=self.stream,
+                consumer=self.consumer,
                 count=len(claimed),
+                reason=f"pending and idle for over {self.claim_idle_ms} ms: "
+                "a consumer stopped or stalled",
             )
         return claimed
 
@@ -454,11 +550,15 @@ class RedisSource:
             return
         ids = [str(d.position) for d in deliveries]
         await self._redis.xack(self.stream, self.group, *ids)
-        self._state.held.difference_update(ids)
+        held = self._state.held
+        for entry_id in ids:
+            held.pop(entry_id, None)
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
         """Leave `deliveries` pending; the next fetch reads them again."""
-        self._state.held.difference_update(str(d.position) for d in deliveries)
+        held = self._state.held
+        for delivery in deliveries:
+            held.pop(str(delivery.position), None)
         self._state.replay_from = "0"
 
     async def stop(self) -> None:
@@ -466,8 +566,13 @@ class RedisSource:
 
         Entries it still holds stay pending under its name: the same process
         re-reads them on its next start, other processes claim them once
-        they are idle for `claim_idle_ms`.
+        they are idle for `claim_idle_ms` (they are no longer kept alive).
         """
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+            self._keeper = None
+        self._state.held.clear()
         try:
             pending = await self._redis.xpending_range(
                 self.stream, self.group, "-", "+", 1, consumername=self.consumer
@@ -494,6 +599,16 @@ def _stream_entries(reply: Any) -> Iterator[tuple[Any, list[Any]]]:
         yield from reply.items()
         return
     yield from reply
+
+
+def _maxlen(value: Any) -> int | None:
+    """Return a target's `maxlen` as a number, or -1 when it is not one."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
 
 
 def _text(value: Any) -> str:

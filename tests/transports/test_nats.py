@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import json
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -307,6 +308,91 @@ class TestConsuming:
 
         assert inbox.wait_for("audit", 2)
         assert inbox.of("audit") == [{"n": 1}, {"n": 2}]
+
+    @pytest.mark.slow
+    def test_messages_held_longer_than_ack_wait_are_not_redelivered(
+        self, names: tuple[str, str], systems: Systems
+    ) -> None:
+        """A batch handled for longer than `ack_wait_s` is kept alive: one call each."""
+        stream, prefix = names
+        systems.stop(systems.start(config(names), **{SINK: RecordingSink()}))
+
+        async def publish(js: Any) -> None:
+            for n in range(30):
+                await js.publish(f"{prefix}.orders", json.dumps({"n": n}).encode())
+
+        jetstream(publish)
+        calls: list[Any] = []
+
+        def slow(message: Any) -> None:
+            calls.append(message)
+            time.sleep(0.1)  # the work itself, not a synchronisation
+
+        inbox = Inbox()
+        subs = {
+            "slow": subscription(
+                inbox.handler("slow", lambda m, c: slow(m)),
+                options={"ack_wait_s": 1},
+            )
+        }
+        systems.start(config(names, subs), **{SINK: RecordingSink()})
+
+        assert inbox.wait_for("slow", 30)
+        assert eventually(lambda: consumer_info(stream, "slow").num_ack_pending == 0)
+        assert len(calls) == 30
+        assert consumer_info(stream, "slow").num_redelivered == 0
+
+    def test_a_fetch_with_no_time_left_returns_instead_of_failing(
+        self, names: tuple[str, str], systems: Systems
+    ) -> None:
+        """A zero fetch timeout (a back-off ending now) is an empty fetch, no error."""
+        subs = {"quick": subscription(lambda m: None)}
+        system = systems.start(config(names, subs), **{SINK: RecordingSink()})
+        source = system["duct.nats/consumers"].workers["quick"].source
+
+        assert on_loop(system, source.fetch(10, 0.0)) == []
+
+    def test_recreated_consumer_starts_at_the_lowest_unsettled_message(
+        self, names: tuple[str, str], systems: Systems
+    ) -> None:
+        """A consumer recreated while message 1 backs off starts again at 1."""
+        stream, _ = names
+        inbox = Inbox()
+        failed: list[int] = []
+
+        def first_fails(message: Any, ctx: MessageContext) -> None:
+            if message["n"] == 1 and not failed:
+                failed.append(1)
+                raise RuntimeError("once")
+
+        subs = {
+            "lanes": subscription(
+                inbox.handler("lanes", first_fails),
+                concurrency=2,
+                retry={
+                    "max_attempts": 2,
+                    "backoff": {"initial_ms": 60000, "max_ms": 60000},
+                },
+                options={"consumer_check_s": 0.1},
+            )
+        }
+        system = systems.start(config(names, subs), **{SINK: RecordingSink()})
+        producer = system["duct.messaging/producer"]
+        producer.produce({"n": 1}, topic="orders")
+        producer.produce({"n": 2}, topic="orders")
+        assert inbox.wait_for("lanes", 1)
+        assert eventually(lambda: consumer_info(stream, "lanes").num_ack_pending == 1)
+
+        jetstream(lambda js: js.delete_consumer(stream, "lanes"))
+
+        def recreated() -> Any:
+            try:
+                return consumer_info(stream, "lanes")
+            except nats.js.errors.NotFoundError:
+                return None
+
+        assert eventually(lambda: recreated() is not None)
+        assert recreated().config.opt_start_seq == 1
 
     def test_released_message_is_nakked_and_redelivered(
         self, names: tuple[str, str], systems: Systems

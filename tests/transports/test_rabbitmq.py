@@ -17,6 +17,7 @@ from duct_messaging.errors import MissingExtraError
 from duct_messaging.messaging.consumer import MessageContext
 from duct_messaging.messaging.producer import PublishError
 from duct_messaging.system import ConfigError, InitError, Ref
+from duct_messaging.transports.base import OutgoingMessage, Target
 from duct_messaging.transports.rabbitmq import (
     RabbitTransportError,
     UnroutableMessageError,
@@ -219,6 +220,40 @@ class TestTopology:
         assert queue_depth(kept) == 2
 
 
+class CountingOptions(dict[str, Any]):
+    """Target options that count how often they are looked up."""
+
+    lookups = 0
+
+    def get(self, key: str, default: Any = None) -> Any:
+        type(self).lookups += 1
+        return super().get(key, default)
+
+
+class TestProducer:
+    def test_a_target_is_worked_out_once_not_per_message(
+        self, exchange: str, systems: Systems
+    ) -> None:
+        """Exchange, routing key, topology and options are looked up once a target."""
+        system = systems.start(
+            config(exchange, target={"queue": f"{exchange}.kept"}),
+            **{SINK: RecordingSink()},
+        )
+        producer = system["duct.rabbitmq/producers"]["main"]
+        target = Target(
+            "main", CountingOptions(exchange=exchange, queue=f"{exchange}.kept")
+        )
+        message = OutgoingMessage("orders", b"{}", {})
+        on_loop(system, producer.send(target, message))
+        first = CountingOptions.lookups
+
+        for _ in range(10):
+            on_loop(system, producer.send(target, message))
+
+        assert CountingOptions.lookups == first
+        assert eventually(lambda: queue_depth(f"{exchange}.kept") == 11)
+
+
 class TestConfirmsAndAcks:
     def test_a_batch_is_confirmed_message_by_message(
         self, exchange: str, systems: Systems
@@ -261,6 +296,21 @@ class TestConfirmsAndAcks:
         assert attempts == [1, 2]
         systems.stop(system)
         assert eventually(lambda: queue_depth(f"{exchange}.flaky") == 0)
+
+    def test_stop_after_the_channel_was_closed_halts_cleanly(
+        self, exchange: str, systems: Systems
+    ) -> None:
+        """A consumer channel already closed does not fail the halt."""
+        system = systems.start(
+            config(exchange, {"worker": subscription(lambda m: None)}),
+            **{SINK: RecordingSink()},
+        )
+        source = system["duct.rabbitmq/consumers"].workers["worker"].source
+        on_loop(system, source._channel.close())
+
+        systems.stop(system)
+
+        assert source._channel is None
 
     def test_dead_lettered_message_goes_to_the_queues_dead_letter_exchange(
         self, exchange: str, systems: Systems

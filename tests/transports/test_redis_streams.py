@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +19,7 @@ from duct_messaging.errors import MissingExtraError
 from duct_messaging.messaging.consumer import MessageContext
 from duct_messaging.messaging.producer import PublishError
 from duct_messaging.system import ConfigError, InitError, Ref
+from duct_messaging.transports.base import OutgoingMessage, Target
 from duct_messaging.transports.redis_streams import (
     RedisTransportError,
     ReservedFieldError,
@@ -160,6 +164,57 @@ class TestWireFormat:
         assert 50 <= raw.xlen(stream) < 300
 
 
+class TestProducer:
+    def test_a_send_rejected_before_reaching_redis_fails_not_hangs(
+        self, stream: str, systems: Systems
+    ) -> None:
+        """A negative `maxlen` fails that send at once; later sends still work."""
+        system = systems.start(config(stream), **{SINK: RecordingSink()})
+        producer = system["duct.redis/producers"]["main"]
+        message = OutgoingMessage("orders", b"{}", {})
+
+        async def send_both() -> tuple[Any, Any]:
+            bad = producer.send(
+                Target("main", {"stream": stream, "maxlen": -1}), message
+            )
+            good = producer.send(Target("main", {"stream": stream}), message)
+            return tuple(
+                await asyncio.wait_for(
+                    asyncio.gather(bad, good, return_exceptions=True), 5
+                )
+            )
+
+        bad, good = on_loop(system, send_both())
+
+        assert isinstance(bad, RedisTransportError)
+        assert "maxlen" in str(bad)
+        assert good.destination == stream
+
+    def test_senders_are_answered_when_the_flush_task_dies(
+        self, stream: str, systems: Systems
+    ) -> None:
+        """Cancelling the flush task fails the queued sends instead of hanging them."""
+        system = systems.start(config(stream), **{SINK: RecordingSink()})
+        producer = system["duct.redis/producers"]["main"]
+        target = Target("main", {"stream": stream})
+        message = OutgoingMessage("orders", b"{}", {})
+
+        async def cancel_flush() -> list[Any]:
+            sends = [asyncio.ensure_future(producer.send(target, message))]
+            await asyncio.sleep(0)  # let the send queue its XADD
+            producer._flusher.cancel()
+            return await asyncio.wait_for(
+                asyncio.gather(*sends, return_exceptions=True), 5
+            )
+
+        [result] = on_loop(system, cancel_flush())
+
+        assert isinstance(result, RedisTransportError)
+        assert "cancelled" in str(result)
+        again = on_loop(system, producer.send(target, message))
+        assert again.destination == stream
+
+
 class TestGroups:
     def test_each_subscription_gets_its_own_group_named_after_it(
         self, stream: str, raw: redis.Redis, systems: Systems
@@ -241,6 +296,75 @@ class TestGroups:
         assert sink.failures == 1
         assert attempts == [1, 2]
         assert eventually(lambda: pending(raw, stream, "flaky") == 0)
+
+    @pytest.mark.slow
+    def test_entries_held_longer_than_claim_idle_are_handled_once(
+        self, stream: str, raw: redis.Redis, systems: Systems
+    ) -> None:
+        """Waiting in our own queue past `claim_idle_ms` does not mean a second call."""
+        publisher = systems.start(config(stream), **{SINK: RecordingSink()})
+        on_loop(
+            publisher,
+            publisher["duct.messaging/producer"].aproduce_many(
+                [{"n": n} for n in range(40)], topic="orders"
+            ),
+        )
+        calls: list[Any] = []
+
+        def slow(message: Any, ctx: MessageContext) -> None:
+            calls.append(message)
+            time.sleep(0.1)  # the work itself, not a synchronisation
+
+        inbox = Inbox()
+        subs = {
+            "busy": subscription(
+                inbox.handler("busy", slow),
+                concurrency=2,
+                options={"claim_idle_ms": 500},
+            )
+        }
+        systems.start(config(stream, subs), **{SINK: RecordingSink()})
+
+        assert inbox.wait_for("busy", 40)
+        assert eventually(lambda: pending(raw, stream, "busy") == 0)
+        assert len(calls) == 40
+        assert sorted(m["n"] for m in calls) == list(range(40))
+
+    def test_an_ordered_lane_keeps_its_entries_from_other_consumers(
+        self, stream: str, raw: redis.Redis, systems: Systems
+    ) -> None:
+        """A head backing off past `claim_idle_ms` is kept alive, not claimed away."""
+        inbox = Inbox()
+        failed: list[int] = []
+
+        def first_fails(message: Any, ctx: MessageContext) -> None:
+            if not failed:
+                failed.append(1)
+                raise RuntimeError("once")
+
+        subs = {
+            "kept": subscription(
+                inbox.handler("kept", first_fails),
+                retry={
+                    "max_attempts": 2,
+                    "backoff": {"initial_ms": 60000, "max_ms": 60000},
+                },
+                options={"claim_idle_ms": 200},
+            )
+        }
+        system = systems.start(config(stream, subs), **{SINK: RecordingSink()})
+        system["duct.messaging/producer"].produce({"n": 1}, topic="orders")
+        assert eventually(lambda: failed == [1])
+
+        # For over a second (six claim_idle_ms) another consumer finds
+        # nothing idle enough to claim.
+        deadline = time.monotonic() + 1.2
+        pause = threading.Event()
+        while time.monotonic() < deadline:
+            assert (
+                raw.xautoclaim(stream, "kept", "thief", 200, "0-0", justid=True) == []
+            )
+            pause.wait(0.05)
 
     def test_a_fetched_batch_is_acked_with_one_xack(
         self, stream: str, raw: redis.Redis, systems: Systems
