@@ -9,9 +9,11 @@ loop, the async one awaits them in the caller's loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 R = TypeVar("R")
-Status = Literal["running", "suspended", "halted"]
+Status = Literal["running", "suspended", "halting", "halted"]
 Failures = list[tuple[str, BaseException]]
 
 
@@ -79,6 +81,8 @@ class System(Mapping[str, Any]):
         self._status: Status = "running"
         self._thread: LoopThread | None = None
         self._loop = loop
+        # Set while a whole-system halt runs; later halt calls wait on it.
+        self._halting: concurrent.futures.Future[None] | None = None
 
     def __getitem__(self, key: str) -> Any:
         entry = self._entries.get(key)
@@ -103,7 +107,7 @@ class System(Mapping[str, Any]):
 
     @property
     def status(self) -> Status:
-        """Return "running", "suspended" or "halted"."""
+        """Return "running", "suspended", "halting" or "halted"."""
         return self._status
 
     @property
@@ -273,15 +277,40 @@ def _start_steps(
         state = yield init_call
     resolved = state
     if component is not None and component.resolve_fn is not None:
-        resolved = component.resolve_fn(state)
+        try:
+            resolved = component.resolve_fn(state)
+        except BaseException as exc:
+            # The state was started but never recorded: halt it here, or
+            # nothing ever would.
+            yield from _halt_unrecorded(key, component, state, exc)
+            raise
     log.debug("component_started", key=key, ms=_elapsed_ms(started))
     return _Entry(key, component, value, state, resolved)
+
+
+def _halt_unrecorded(
+    key: str, component: Component, state: Any, cause: BaseException
+) -> Steps[None]:
+    if component.halt_fn is None:
+        return
+    try:
+        yield _Call(component.halt_fn, (state,))
+    except Exception as exc:
+        cause.add_note(
+            f"Halting {key} after its resolve hook failed also failed: {exc!r}"
+        )
+        log.warning("component_halt_failed", key=key, error=repr(exc))
+    else:
+        log.debug("component_halted", key=key, reason="resolve_failed")
 
 
 def _halt_steps(system: System, keys: Iterable[str]) -> Steps[Failures]:
     failures: Failures = []
     for key in keys:
-        entry = system._entries.pop(key)
+        position = list(system._entries).index(key) if key in system._entries else -1
+        entry = system._entries.pop(key, None)
+        if entry is None:
+            continue  # halted meanwhile by another call
         started = time.perf_counter()
         component = entry.component
         if entry.kept and component is not None and component.halt_fn is not None:
@@ -290,8 +319,20 @@ def _halt_steps(system: System, keys: Iterable[str]) -> Steps[Failures]:
             except Exception as exc:
                 failures.append((key, exc))
                 continue
+            except BaseException:
+                # Interrupted (cancelled): keep the entry, so that a later
+                # halt still finds it.
+                _put_back(system, position, entry)
+                raise
         log.debug("component_halted", key=key, ms=_elapsed_ms(started))
     return failures
+
+
+def _put_back(system: System, position: int, entry: _Entry) -> None:
+    items = list(system._entries.items())
+    items.insert(position, (entry.key, entry))
+    system._entries.clear()
+    system._entries.update(items)
 
 
 def _init_steps(system: System) -> Steps[System]:
@@ -451,16 +492,27 @@ def halt(system: System, keys: Iterable[str] | None = None) -> None:
     """
     if system._status == "halted":
         return
+    if system._halting is not None:
+        if _running_loop() is not None:
+            raise SystemStateError(
+                "halt synchronously",
+                "being halted by a call in progress",
+                "Use `await ahalt(system)`, which waits for that halt.",
+            )
+        system._halting.result()
+        return
     _check_sync_halt(system)
     started = time.perf_counter()
     order = system._halt_order(keys)
-    failures = _drive(system, _halt_steps(system, order))
-    if keys is None:
-        system._status = "halted"
+    if keys is not None:
+        _raise_failures(_drive(system, _halt_steps(system, order)), "halt")
+        return
+    with _halting(system):
+        failures = _drive(system, _halt_steps(system, order))
         thread = system._take_thread()
         if thread is not None:
             thread.stop()
-        log.info("system_halted", components=len(order), ms=_elapsed_ms(started))
+    log.info("system_halted", components=len(order), ms=_elapsed_ms(started))
     _raise_failures(failures, "halt")
 
 
@@ -468,16 +520,41 @@ async def ahalt(system: System, keys: Iterable[str] | None = None) -> None:
     """Halt a system like `halt`, awaiting async halt functions in this loop."""
     if system._status == "halted":
         return
+    if system._halting is not None:
+        # Another call is halting the whole system: wait for it to finish.
+        await asyncio.shield(asyncio.wrap_future(system._halting))
+        return
     started = time.perf_counter()
     order = system._halt_order(keys)
-    failures = await _adrive(system, _halt_steps(system, order))
-    if keys is None:
-        system._status = "halted"
+    if keys is not None:
+        _raise_failures(await _adrive(system, _halt_steps(system, order)), "halt")
+        return
+    with _halting(system):
+        failures = await _adrive(system, _halt_steps(system, order))
         thread = system._take_thread()
         if thread is not None:
             await asyncio.to_thread(thread.stop)
-        log.info("system_halted", components=len(order), ms=_elapsed_ms(started))
+    log.info("system_halted", components=len(order), ms=_elapsed_ms(started))
     _raise_failures(failures, "halt")
+
+
+@contextmanager
+def _halting(system: System) -> Iterator[None]:
+    """Mark a whole-system halt in progress; restore the status if interrupted."""
+    previous = system._status
+    done: concurrent.futures.Future[None] = concurrent.futures.Future()
+    system._status = "halting"
+    system._halting = done
+    try:
+        yield
+    except BaseException:
+        system._status = previous
+        raise
+    else:
+        system._status = "halted"
+    finally:
+        system._halting = None
+        done.set_result(None)
 
 
 def _raise_failures(failures: Failures, action: str) -> None:
