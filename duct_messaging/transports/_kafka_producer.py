@@ -34,7 +34,30 @@ QUEUE_FULL_BACKOFF_S = 0.005
 
 
 class KafkaTransportError(DuctMessagingError):
-    """Raised when the Kafka client reports an error we cannot recover from."""
+    """Raised when the Kafka client reports an error we cannot recover from.
+
+    `action` is what failed ("delivery", "consumer", ...), `client` the
+    client name, `topic` the Kafka topic (None if none applies), `reason`
+    what librdkafka or the transport said and `fix` what to do about it.
+    """
+
+    def __init__(
+        self, action: str, client: str, topic: str | None, reason: str, fix: str
+    ) -> None:
+        self.action = action
+        self.client = client
+        self.topic = topic
+        self.reason = reason
+        self.fix = fix
+        where = f"client {client!r}" + (f", topic {topic!r}" if topic else "")
+        super().__init__(f"Kafka {action} failed: {where}: {reason}. {fix}")
+
+
+def kafka_reason(err: Any) -> str:
+    """Return the readable text of a librdkafka error (or any other)."""
+    text = err.str() if hasattr(err, "str") else str(err)
+    name = err.name() if hasattr(err, "name") else ""
+    return f"{text} ({name})" if name else str(text)
 
 
 class KafkaProducer:
@@ -52,6 +75,11 @@ class KafkaProducer:
         self._loop = loop
         self._producer = Producer(client.producer_config())
         self._reports: list[tuple[Any, Any, Any]] = []
+        # Futures (or batches) with a message librdkafka still holds, and
+        # how many: whatever is left when the producer closes is failed.
+        self._pending: dict[int, list[Any]] = {}  # id -> [waiter, count, topic]
+        self._pending_lock = threading.Lock()
+        self._closed = False
         self._stopping = threading.Event()
         self._thread = threading.Thread(
             target=self._poll_loop,
@@ -77,12 +105,17 @@ class KafkaProducer:
         One future covers the whole batch; it fails with the first delivery
         error once every report is in.
         """
-        batch = _BatchReports(self._loop.create_future(), len(messages))
         if not messages:
+            self._check_open(None)
             return []
-        for index, message in enumerate(messages):
-            while not self._try_produce(target, message, (batch, index)):  # noqa: ASYNC110
-                await asyncio.sleep(QUEUE_FULL_BACKOFF_S)
+        batch = _BatchReports(self._loop.create_future(), len(messages))
+        try:
+            for index, message in enumerate(messages):
+                while not self._try_produce(target, message, (batch, index)):  # noqa: ASYNC110
+                    await asyncio.sleep(QUEUE_FULL_BACKOFF_S)
+        except BaseException:
+            batch.future.cancel()
+            raise
         return await batch.future
 
     def _enqueue(self, target: Target, message: OutgoingMessage) -> Any:
@@ -98,22 +131,50 @@ class KafkaProducer:
             await asyncio.sleep(QUEUE_FULL_BACKOFF_S)
         return await future
 
-    def _try_produce(
-        self, target: Target, message: OutgoingMessage, future: Any
-    ) -> bool:
+    def _check_open(self, topic: str | None) -> None:
+        if self._closed:
+            raise KafkaTransportError(
+                "send",
+                self.client,
+                topic,
+                "the producer is closed",
+                "Send before the system halts (halt the producers after "
+                "the consumers and tasks that send).",
+            )
+
+    def _try_produce(self, target: Target, message: OutgoingMessage, sink: Any) -> bool:
         partition = target.options.get("partition")
+        topic = self.destination(target, message.topic)
+        self._check_open(topic)
+        waiter = sink[0] if isinstance(sink, tuple) else sink
+        self._track(waiter, 1, topic)
         try:
             self._producer.produce(
-                target.options.get("kafka_topic") or message.topic,
+                topic,
                 message.body,
                 message.key,
-                on_delivery=lambda err, msg: self._reports.append((future, err, msg)),
+                on_delivery=lambda err, msg: self._report(sink, waiter, err, msg),
                 headers=list(message.headers.items()),
                 partition=-1 if partition is None else int(partition),
             )
-        except BufferError:
-            return False
+        except BaseException as exc:
+            self._track(waiter, -1)
+            if isinstance(exc, BufferError):
+                return False
+            raise
         return True
+
+    def _track(self, waiter: Any, change: int, topic: str = "") -> None:
+        with self._pending_lock:
+            entry = self._pending.setdefault(id(waiter), [waiter, 0, topic])
+            entry[1] += change
+            if entry[1] <= 0:
+                del self._pending[id(waiter)]
+
+    def _report(self, sink: Any, waiter: Any, err: Any, msg: Any) -> None:
+        # Runs on the poll thread (librdkafka's delivery callback).
+        self._reports.append((sink, err, msg))
+        self._track(waiter, -1)
 
     def flush(self, timeout: float = 10.0) -> int:
         """Wait for outstanding messages; return how many are still queued."""
@@ -121,15 +182,46 @@ class KafkaProducer:
         return remaining
 
     def close(self, timeout: float = 10.0) -> None:
-        """Flush outstanding messages and stop the poll thread."""
+        """Flush outstanding messages and stop the poll thread.
+
+        Sends still waiting for the broker once `timeout` passed fail with
+        `KafkaTransportError`; later sends fail at once.
+        """
+        self._closed = True
         remaining = self.flush(timeout)
         self._stopping.set()
         self._thread.join(timeout)
+        with self._pending_lock:
+            stranded = [(waiter, topic) for waiter, _, topic in self._pending.values()]
+            self._pending.clear()
+        if stranded:
+            # Queued after the poll thread's last reports, so those settle
+            # their futures first.
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
+                self._loop.call_soon_threadsafe(self._fail_stranded, stranded)
         if remaining:
             log.warning(
                 "kafka_producer_closed_with_queued",
                 client=self.client,
                 queued=remaining,
+            )
+
+    def _fail_stranded(self, waiters: list[tuple[Any, str]]) -> None:
+        for waiter, topic in waiters:
+            future = waiter.future if isinstance(waiter, _BatchReports) else waiter
+            if future.done():
+                continue
+            future.set_exception(
+                KafkaTransportError(
+                    "delivery",
+                    self.client,
+                    topic,
+                    "the producer closed before the broker acknowledged the "
+                    "message, which may or may not have been written",
+                    "Let sends finish before halting (halt producers last) or "
+                    "check that the bootstrap servers "
+                    f"{self._kafka_client.bootstrap_servers} are reachable.",
+                )
             )
 
     def _poll_loop(self) -> None:
@@ -163,7 +255,15 @@ class KafkaProducer:
 
     def _receipt(self, err: Any, msg: Any) -> Receipt | Exception:
         if err is not None:
-            return KafkaTransportError(f"delivery failed: {err}")
+            return KafkaTransportError(
+                "delivery",
+                self.client,
+                msg.topic() if msg is not None else None,
+                kafka_reason(err),
+                "Check that the bootstrap servers "
+                f"{self._kafka_client.bootstrap_servers} are reachable and "
+                "accept writes to the topic, then send again.",
+            )
         return Receipt(
             self.client, TRANSPORT, msg.topic(), msg.partition(), msg.offset()
         )

@@ -20,7 +20,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from duct_messaging.messaging.envelope import decode_headers
 from duct_messaging.messaging.routing import Subscription
-from duct_messaging.transports._kafka_producer import KafkaTransportError
+from duct_messaging.transports._kafka_producer import KafkaTransportError, kafka_reason
 from duct_messaging.transports.base import Delivery
 
 if TYPE_CHECKING:
@@ -229,7 +229,15 @@ class KafkaSource:
         if err.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
             return
         if not err.retriable() and err.fatal():
-            raise KafkaTransportError(f"consumer failed: {err}")
+            raise KafkaTransportError(
+                "consumer",
+                self._client.name,
+                self.topic,
+                f"subscription {self.subscription!r} (group {self.group_id!r}) "
+                f"hit a fatal error: {kafka_reason(err)}",
+                "The consumer cannot go on: check the broker logs and the "
+                "client's consumer settings, then restart the consumers.",
+            )
         log.warning(
             "kafka_consumer_error", subscription=self.subscription, error=str(err)
         )
@@ -359,7 +367,10 @@ class KafkaSource:
         try:
             await self._call(self._stop)
         finally:
-            self._executor.shutdown(wait=True)
+            # Never block the event loop here: once `_stop` ran, the single
+            # worker has nothing left; if it was interrupted, the worker
+            # finishes in the background.
+            self._executor.shutdown(wait=False)
 
     def _stop(self) -> None:
         if self._consumer is None:

@@ -137,17 +137,41 @@ class KafkaClient:
             "group.id": group_id,
         }
 
+    def new_topic(self, topic: str, partitions: int | None = None) -> NewTopic:
+        """Return the topic `ensure_topic` creates for `topic`.
+
+        Partitions: `partitions`, else `topics.partitions` (default 1).
+        Replication: `topics.replication_factor`, else the broker's own
+        `default.replication.factor` (asked for with -1, KIP-464).
+        """
+        count = partitions or int(self.topics.get("partitions", 1))
+        replication = int(self.topics.get("replication_factor", -1))
+        return NewTopic(topic, count, replication)
+
     def ensure_topic(self, topic: str, partitions: int | None = None) -> None:
         """Create `topic` if it does not exist (an existing one is left as is)."""
         admin = AdminClient(self.settings)
-        count = partitions or int(self.topics.get("partitions", 1))
-        futures = admin.create_topics([NewTopic(topic, count, 1)], request_timeout=10)
+        new = self.new_topic(topic, partitions)
+        futures = admin.create_topics([new], request_timeout=10)
         for future in futures.values():
             try:
                 future.result(timeout=10)
             except KafkaException as exc:
-                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise
+                code = exc.args[0].code()
+                if code == KafkaError.TOPIC_ALREADY_EXISTS:
+                    continue
+                if code == KafkaError.INVALID_REPLICATION_FACTOR:
+                    raise KafkaTransportError(
+                        "topic creation",
+                        self.name,
+                        topic,
+                        f"the broker refused replication factor "
+                        f"{new.replication_factor} ({exc.args[0].str()})",
+                        "Set topics.replication_factor on the client to a "
+                        "factor the cluster supports (brokers before Kafka 2.4 "
+                        "need an explicit one), or create the topic yourself.",
+                    ) from exc
+                raise
 
 
 _LIBRDKAFKA = scalar("a librdkafka setting (a string, number or boolean)")
