@@ -5,7 +5,9 @@ Each file only grows: a dead letter is one line, a later status change
 `write` calls on a file opened for appending, so several processes may
 write one directory at once, and each write is fsynced before `write`
 returns. Reading folds the lines: the first line of an id wins, status
-lines apply in order. A torn last line (a crash mid-write) is skipped.
+lines apply in order. A torn last line (a crash mid-write) is skipped, and
+the first append to a file that does not end with a newline starts with
+one, so the torn fragment never swallows the next line.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,10 @@ from duct_messaging.messaging.deadletter import (
 log = structlog.get_logger(__name__)
 
 SUFFIX = ".jsonl"
+# How many dead-letter ids a store remembers to skip re-appending a
+# redelivered failure; beyond that a duplicate line may be written, which
+# readers fold.
+REMEMBER_IDS = 100_000
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -42,16 +49,24 @@ class JsonLinesStore:
     """Dead letters as JSON lines under `directory`, one file per topic.
 
     The directory is created if missing. File I/O runs in a worker thread,
-    so the event loop never blocks on the disk.
+    so the event loop never blocks on the disk. The ids of the last
+    `remember` dead letters written or found are kept in memory, so a
+    redelivered failure is not appended twice.
     """
 
-    def __init__(self, directory: str | Path, *, fsync: bool = True) -> None:
+    def __init__(
+        self, directory: str | Path, *, fsync: bool = True, remember: int = REMEMBER_IDS
+    ) -> None:
         self.directory = Path(directory)
         self.fsync = fsync
+        self.remember = remember
         self._lock = threading.Lock()
-        # Ids written by this process, per file, so a redelivered failure is
-        # not appended twice (readers fold duplicates from other processes).
-        self._known: dict[Path, set[str]] = {}
+        # (file, id) of recent dead letters, least recent first (readers fold
+        # the duplicates of forgotten ids and of other processes).
+        self._known: OrderedDict[tuple[Path, str], None] = OrderedDict()
+        self._loaded: set[Path] = set()
+        # Files whose last byte this store checked (or wrote): a newline.
+        self._sealed: set[Path] = set()
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def __repr__(self) -> str:
@@ -86,31 +101,55 @@ class JsonLinesStore:
     def _write(self, dead_letter: DeadLetter) -> None:
         path = self.directory / topic_file_name(dead_letter.topic)
         with self._lock:
-            known = self._ids(path)
-            if dead_letter.id in known:
+            self._load_ids(path)
+            entry = (path, dead_letter.id)
+            if entry in self._known:
+                self._known.move_to_end(entry)
                 return
             self._append(path, {"kind": "dead_letter", **dead_letter.to_record()})
-            known.add(dead_letter.id)
+            self._remember(entry)
 
-    def _ids(self, path: Path) -> set[str]:
-        known = self._known.get(path)
-        if known is None:
-            known = self._known[path] = {
-                str(line["id"])
-                for line in _lines(path)
-                if line.get("kind") == "dead_letter"
-            }
-        return known
+    def _load_ids(self, path: Path) -> None:
+        if path in self._loaded:
+            return
+        self._loaded.add(path)
+        ids = [
+            str(line["id"])
+            for line in _lines(path)
+            if line.get("kind") == "dead_letter"
+        ]
+        for dead_letter_id in ids[-self.remember :] if self.remember > 0 else []:
+            self._remember((path, dead_letter_id))
+
+    def _remember(self, entry: tuple[Path, str]) -> None:
+        if self.remember <= 0:
+            return
+        self._known[entry] = None
+        self._known.move_to_end(entry)
+        while len(self._known) > self.remember:
+            self._known.popitem(last=False)
 
     def _append(self, path: Path, record: dict[str, Any]) -> None:
         data = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, data)
+            if path not in self._sealed:
+                data = self._newline_after_torn_tail(fd, path) + data
+            self._sealed.discard(path)  # until this write is known whole
+            if os.write(fd, data) == len(data):
+                self._sealed.add(path)
             if self.fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _newline_after_torn_tail(fd: int, path: Path) -> bytes:
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return b""
+        log.warning("dead_letter_file_torn_tail_closed", path=str(path))
+        return b"\n"
 
     def _read_all(self, topic: str | None) -> list[DeadLetter]:
         if topic is not None:
