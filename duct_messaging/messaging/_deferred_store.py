@@ -96,6 +96,14 @@ class StoreSpec:
     channel: str | None = None
     path: str | None = None
 
+    def __post_init__(self) -> None:
+        problems = list(_spec_problems(self))
+        if problems:
+            # Imported here: the settings module imports this one.
+            from duct_messaging.messaging._deferred_config import DeferredConfigError
+
+            raise DeferredConfigError(problems)
+
     @property
     def shared(self) -> bool:
         """Return whether several instances may share this store."""
@@ -104,12 +112,30 @@ class StoreSpec:
     def describe(self) -> str:
         """Return the store for humans, with any password hidden."""
         if self.kind == "postgresql":
-            assert self.url is not None
-            url = make_url(self.url).render_as_string(hide_password=True)
+            url = make_url(_given(self.url)).render_as_string(hide_password=True)
             return f"{url} (schema {self.schema})"
         if self.kind == "sqlite":
             return f"sqlite file {self.path}"
         return "memory"
+
+
+_KINDS = ("postgresql", "sqlite", "memory")
+
+
+def _spec_problems(spec: StoreSpec) -> Iterator[str]:
+    if spec.kind not in _KINDS:
+        yield f"store: {spec.kind!r} is not a store kind (one of {', '.join(_KINDS)})"
+    elif spec.kind == "postgresql":
+        for name in ("url", "schema", "channel"):
+            if not getattr(spec, name):
+                yield f"store.{name}: missing for a PostgreSQL store"
+    elif spec.kind == "sqlite" and not spec.path:
+        yield "store.sqlite: missing the SQLite file path"
+
+
+def _given(value: str | None) -> str:
+    # `StoreSpec.__post_init__` made sure the field a store kind needs is set.
+    return value or ""
 
 
 def parse_store(value: Any) -> StoreSpec:
@@ -237,13 +263,13 @@ def open_store(spec: StoreSpec, stack: AsyncExitStack) -> OpenedStore:
     engine: Engine | AsyncEngine
     broker: EventBroker
     if spec.kind == "sqlite":
-        assert spec.path is not None
-        Path(spec.path).parent.mkdir(parents=True, exist_ok=True)
+        path = _given(spec.path)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         # One pooled connection: the store runs the sync sqlite3 driver in
         # worker threads, and two connections writing at once fail with
         # "database is locked" (seen with APScheduler 4.0.0a6).
         engine = create_engine(
-            URL.create("sqlite", database=spec.path),
+            URL.create("sqlite", database=path),
             pool_size=1,
             max_overflow=0,
             connect_args={"check_same_thread": False, "timeout": 30},
@@ -251,11 +277,9 @@ def open_store(spec: StoreSpec, stack: AsyncExitStack) -> OpenedStore:
         stack.callback(engine.dispose)
         broker = LocalEventBroker()
     else:
-        assert spec.url is not None
-        assert spec.channel is not None
-        engine = create_async_engine(spec.url)
+        engine = create_async_engine(_given(spec.url))
         stack.push_async_callback(engine.dispose)
-        broker = SharedEventBroker(libpq_conninfo(spec), channel=spec.channel)
+        broker = SharedEventBroker(libpq_conninfo(spec), channel=_given(spec.channel))
 
     store = SQLAlchemyDataStore(engine, schema=spec.schema, serializer=JSONSerializer())
     return OpenedStore(store, broker, engine)
@@ -263,8 +287,7 @@ def open_store(spec: StoreSpec, stack: AsyncExitStack) -> OpenedStore:
 
 def libpq_conninfo(spec: StoreSpec) -> str:
     """Return the libpq connection string psycopg uses for `spec`."""
-    assert spec.url is not None
-    url = make_url(spec.url).set(drivername="postgresql")
+    url = make_url(_given(spec.url)).set(drivername="postgresql")
     return url.render_as_string(hide_password=False)
 
 

@@ -40,8 +40,8 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import threading
 from collections.abc import Coroutine, Mapping, Sequence
-from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from uuid import uuid4
@@ -304,9 +304,9 @@ class DeferredScheduler:
         except BaseException as exc:
             self._stop.set()
             self._task.cancel()
-            with suppress(BaseException):
-                await self._task
             self._state = "closed"
+            # A cancellation of this call while waiting here propagates.
+            await _finish(self._task)
             if isinstance(exc, TimeoutError):
                 raise DeferredStartError(self.store.describe(), timeout_s) from exc
             raise
@@ -387,17 +387,30 @@ class DeferredScheduler:
 
         Blocks until the message is stored (or `timeout_s` passed). Raises
         `DeferredLoopError` when called on the scheduler's own loop, where it
-        would block forever, and `DeferredClosedError` when not running.
+        would block forever, and `DeferredClosedError` when not running. On
+        `TimeoutError` the call is cancelled, so a retry does not store the
+        message twice (unless the store had already committed it).
         """
         loop = self._loop
         if loop is None or self._state != "running":
             raise DeferredClosedError(self._state)
         if _running_loop() is loop:
             raise DeferredLoopError()
-        future = asyncio.run_coroutine_threadsafe(
-            self.schedule(message, targets, due), loop
-        )
-        return future.result(timeout_s)
+        given_up = threading.Event()
+
+        async def schedule_unless_given_up() -> str:
+            # The loop may only get to this call after the caller gave up.
+            if given_up.is_set():
+                raise asyncio.CancelledError
+            return await self.schedule(message, targets, due)
+
+        future = asyncio.run_coroutine_threadsafe(schedule_unless_given_up(), loop)
+        try:
+            return future.result(timeout_s)
+        except BaseException:
+            given_up.set()
+            future.cancel()
+            raise
 
     async def pending(self) -> list[PendingMessage]:
         """Return the messages stored and not delivered yet, by due time."""
@@ -422,9 +435,9 @@ class DeferredScheduler:
             if not ready.done():
                 if isinstance(exc, Exception):
                     ready.set_exception(exc)
-                else:
-                    ready.cancel()
-                return
+                    return
+                ready.cancel()
+                raise
             if self._state in ("closing", "closed"):
                 raise
             self._state = "failed"
@@ -434,6 +447,8 @@ class DeferredScheduler:
                 error=repr(exc),
                 exc_info=exc,
             )
+            if not isinstance(exc, Exception):
+                raise  # cancelled (or interrupted): the task ends so
 
     def _courier(self, store: DataStore) -> Courier:
         return Courier(
@@ -482,9 +497,20 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 
 async def _finish(task: asyncio.Task[None]) -> None:
-    # The crash, if any, was logged when it happened.
-    with suppress(Exception):
-        await task
+    """Wait for the scheduler task to end, whatever its outcome.
+
+    Its crash, if any, was logged when it happened; a task that ended
+    cancelled is fine. Cancelling this call cancels the task, waits for it
+    to unwind, and propagates.
+    """
+    try:
+        await asyncio.wait([task])
+    except asyncio.CancelledError:
+        task.cancel()
+        await asyncio.wait([task])
+        raise
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not report it again
 
 
 @component("duct.messaging/deferred")
