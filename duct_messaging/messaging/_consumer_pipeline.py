@@ -16,7 +16,6 @@ variable of the running thread.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,7 +133,6 @@ class Pipeline:
         subscription: Subscription,
         routing: Routing,
         sink: DeadLetterSink,
-        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.subscription = subscription
         self.sink = sink
@@ -147,7 +145,6 @@ class Pipeline:
         )
         self._default_codec: Codec = get_codec(subscription.codec)
         self._codecs: dict[str, Codec] = {}
-        self._loop = loop
         self._span_name = f"process {subscription.topic}"
         options = subscription.options
         group = options.get("group_id") or options.get("group") or subscription.id
@@ -167,18 +164,26 @@ class Pipeline:
 
     def prepare(self, delivery: Delivery) -> tuple[Any, MessageContext]:
         """Return the decoded message and its context; raise `Poison` if unusable."""
+        sub = self.subscription
         try:
             message = self._codec(delivery.headers).decode(delivery.body)
         except Exception as exc:  # any codec failure means the bytes are unusable
-            raise Poison(f"cannot decode message: {exc}") from exc
+            raise Poison(
+                f"Subscription {sub.id!r} (topic {sub.topic!r}) cannot decode "
+                f"message: {exc}"
+            ) from exc
         if self.validator is not None:
             try:
                 self.validator.validate(message)
             except SchemaValidationError as exc:
                 raise Poison(str(exc)) from exc
+            except Exception as exc:  # a validator that breaks on this message
+                raise Poison(
+                    f"Subscription {sub.id!r} (topic {sub.topic!r}) cannot check "
+                    f"message against its schema: {type(exc).__name__}: {exc}"
+                ) from exc
         incoming = extract(delivery.headers)
         trace = incoming.child() if incoming else TraceContext.new_root()
-        sub = self.subscription
         ctx = MessageContext(
             headers=delivery.headers,
             topic=sub.topic,

@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any, ParamSpec, TypeVar
 
 import structlog
 
 from duct_messaging.errors import DuctMessagingError
+from duct_messaging.messaging import envelope
 from duct_messaging.messaging._consumer_pipeline import Job, Pipeline, Step
 from duct_messaging.messaging.deadletter import DeadLetter
 from duct_messaging.messaging.routing import Subscription
@@ -42,19 +45,97 @@ DEFAULT_START_TIMEOUT_S = 30.0
 # A dead-letter write that has not returned by then counts as failed, so a
 # hung sink cannot hold a lane (and its unacknowledged messages) forever.
 DEADLETTER_WRITE_TIMEOUT_S = 30.0
-# After a dead-letter write failed the sink is likely down: wait this long
-# before fetching again instead of spinning on redeliveries.
-SINK_FAILURE_BACKOFF_S = 0.5
+# After a dead-letter write failed (the sink is likely down), or a delivery
+# failed outside its handler, wait this long before fetching again instead
+# of spinning on redeliveries.
+FAILURE_BACKOFF_S = 0.5
+# After the drain deadline, how long cancelled handler tasks get to end.
+CANCEL_GRACE_S = 1.0
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 # A failed fetch is retried after this long; the source reconnects meanwhile.
 FETCH_FAILURE_BACKOFF_S = 1.0
 
 
 class ConsumerStartError(DuctMessagingError, RuntimeError):
-    """Raised when a subscription's source could not start in time."""
+    """Raised when a subscription's source failed to start, or not in time."""
 
-    def __init__(self, subscription: str, reason: str) -> None:
+    def __init__(
+        self,
+        subscription: str,
+        source: str,
+        client: str,
+        reason: str,
+        hint: str,
+    ) -> None:
         self.subscription = subscription
-        super().__init__(f"Subscription {subscription!r} failed to start: {reason}")
+        self.source = source
+        self.client = client
+        self.reason = reason
+        super().__init__(
+            f"Subscription {subscription!r} could not start its {source} consumer "
+            f"on client {client!r}: {reason}. {hint}"
+        )
+
+    @classmethod
+    def of(
+        cls, subscription: Subscription, exc: BaseException, timeout_s: float
+    ) -> ConsumerStartError:
+        """Return the error for `subscription`'s source, which failed with `exc`."""
+        if isinstance(exc, TimeoutError):
+            reason = f"not started after {timeout_s:g} s"
+            hint = (
+                "Check that the broker is up and reachable from here, or raise "
+                "start_timeout_s in the consumers' settings."
+            )
+        else:
+            reason = f"{type(exc).__name__}: {_describe(exc)}"
+            hint = "Check the client's settings and that its broker is up."
+        return cls(
+            subscription.id, subscription.source, subscription.client, reason, hint
+        )
+
+
+class SubscriptionFailedError(DuctMessagingError, RuntimeError):
+    """Raised by `SubscriptionWorker.stop` when its fetch loop had died."""
+
+    def __init__(self, subscription: str, cause: BaseException) -> None:
+        self.subscription = subscription
+        self.cause = cause
+        super().__init__(
+            f"Subscription {subscription!r} stopped consuming for good: "
+            f"{type(cause).__name__}: {_describe(cause)}. What finished was "
+            "acknowledged; fix the cause (see the traceback) and restart."
+        )
+
+
+class ConsumerStopError(DuctMessagingError, RuntimeError):
+    """Raised by `ConsumerRuntime.stop` when some workers failed or died.
+
+    Every worker was still stopped; `failures` maps each failed
+    subscription to its error.
+    """
+
+    def __init__(self, transport: str, failures: dict[str, BaseException]) -> None:
+        self.transport = transport
+        self.failures = failures
+        listed = "; ".join(
+            f"{sub!r} ({type(exc).__name__}: {_describe(exc)})"
+            for sub, exc in failures.items()
+        )
+        super().__init__(
+            f"{transport} consumers did not stop cleanly: {listed}. Every other "
+            "subscription stopped; see the logged errors for the cause."
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    """Return `str(exc)`, even for an exception that cannot render itself."""
+    try:
+        return str(exc)
+    except Exception:
+        return f"<{type(exc).__name__} that cannot be printed>"
 
 
 class Status(Enum):
@@ -187,6 +268,81 @@ class _Lanes:
         return out
 
 
+_WorkItem = tuple["Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+class _DaemonPool(Executor):
+    """At most `max_workers` daemon threads running `def` handlers.
+
+    Unlike `ThreadPoolExecutor`, whose threads the interpreter joins at exit,
+    a handler still running when it was abandoned at the drain deadline
+    does not keep the process alive: its delivery was never acknowledged,
+    so the broker delivers it again.
+    """
+
+    def __init__(self, max_workers: int, name: str) -> None:
+        self._max = max_workers
+        self._name = name
+        self._queue: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._shutdown = False
+
+    def submit(
+        self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> Future[_T]:
+        future: Future[_T] = Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._queue.put((future, fn, args, kwargs))
+            if self._idle:
+                self._idle -= 1
+            elif len(self._threads) < self._max:
+                thread = threading.Thread(
+                    target=self._work,
+                    name=f"{self._name}_{len(self._threads)}",
+                    daemon=True,
+                )
+                self._threads.append(thread)
+                thread.start()
+        return future
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args, kwargs = item
+            del item
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del future, fn, args, kwargs
+            with self._lock:
+                self._idle += 1
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            threads = list(self._threads)
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        for _ in threads:
+            self._queue.put(None)
+        if wait:
+            for thread in threads:
+                thread.join()
+
+
 class SubscriptionWorker:
     """Runs one subscription: fetch, handle, acknowledge, until stopped."""
 
@@ -207,11 +363,11 @@ class SubscriptionWorker:
         self._stop = asyncio.Event()
         # The same stop request, readable from worker threads.
         self._halting = threading.Event()
-        self._executor = ThreadPoolExecutor(
-            max_workers=subscription.concurrency,
-            thread_name_prefix=f"duct-{subscription.id}",
+        self._executor = _DaemonPool(
+            subscription.concurrency, f"duct-{subscription.id}"
         )
         self._task: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
         self._semaphore = asyncio.Semaphore(subscription.concurrency)
         self._lanes = _Lanes()
         # Deliveries whose handler (or dead-letter write) is running now;
@@ -221,20 +377,61 @@ class SubscriptionWorker:
         # tracking source is told at once instead.
         self._unsettled: dict[int, Delivery] = {}
         self._unsettled_dead: dict[int, Delivery] = {}
-        self._sink_failed = False
+        # Set when a sink write or a delivery failed: fetch again after a pause.
+        self._back_off = False
         self._claim: Callable[[Delivery], bool] | None = getattr(source, "claim", None)
         self._finish_hook: Callable[..., None] | None = getattr(source, "finish", None)
         self._can_pause = hasattr(source, "pause") and hasattr(source, "resume")
         self._can_reject = hasattr(source, "reject")
 
+    @property
+    def failure(self) -> BaseException | None:
+        """Return what killed the fetch loop, if it died; None while healthy."""
+        return self._failure
+
     async def start(self, timeout: float = DEFAULT_START_TIMEOUT_S) -> None:
-        """Start the source, then the fetch loop; return once subscribed."""
+        """Start the source, then the fetch loop; return once subscribed.
+
+        A source that fails to start, or not within `timeout`, is stopped
+        again before `ConsumerStartError` is raised.
+        """
         try:
             await asyncio.wait_for(self.source.start(), timeout)
         except Exception as exc:
-            raise ConsumerStartError(self.subscription.id, repr(exc)) from exc
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            await self._stop_failed_source(exc, timeout)
+            raise ConsumerStartError.of(self.subscription, exc, timeout) from exc
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"duct-subscription-{self.subscription.id}"
+        )
+        self._task.add_done_callback(self._loop_ended)
+
+    async def _stop_failed_source(self, exc: BaseException, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.source.stop(), timeout)
+        except Exception as stop_exc:
+            log.warning(
+                "source_stop_failed_after_start_failure",
+                subscription=self.subscription.id,
+                error=_describe(stop_exc),
+                start_error=_describe(exc),
+                next="the start error is raised; the source may hold a connection",
+            )
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """Note and log a fetch loop that died, the moment it dies."""
+        failure = None if task.cancelled() else task.exception()
+        if failure is None:
+            return
+        self._failure = failure
+        log.error(
+            "subscription_stopped_for_good",
+            subscription=self.subscription.id,
+            topic=self.subscription.topic,
+            error=_describe(failure),
+            exc_info=failure,
+            next="its messages are not consumed until the service restarts; "
+            "halting acknowledges what finished and raises this error",
         )
 
     def request_stop(self) -> None:
@@ -249,31 +446,46 @@ class SubscriptionWorker:
         released. A handler still running at the deadline is abandoned: its
         delivery is not acknowledged and is counted in `stats.abandoned`.
         What finished is acknowledged before the source stops.
+
+        If the fetch loop had died, what finished is still acknowledged, the
+        source is stopped, and `SubscriptionFailedError` is raised.
         """
         self.request_stop()
         task = self._task
-        if task is not None and not task.done():
-            done, _ = await asyncio.wait({task}, timeout=deadline_s)
-            if not done:
-                self.stats.abandoned = self._running
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                await self._settle_unsettled()
+        failure: BaseException | None = None
+        if task is not None:
+            if not task.done():
+                done, _ = await asyncio.wait({task}, timeout=deadline_s)
+                if not done:
+                    self.stats.abandoned = self._running
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+            if not task.cancelled():
+                failure = task.exception()
+            await self._settle_unsettled()
+            if failure is not None:
+                await self._release(self._lanes.drain())
         self._executor.shutdown(wait=False, cancel_futures=True)
-        await self.source.stop()
+        try:
+            await self.source.stop()
+        except Exception as exc:
+            if failure is None:
+                raise
+            log.warning(
+                "source_stop_failed",
+                subscription=self.subscription.id,
+                error=_describe(exc),
+                next="the subscription's own failure is raised instead",
+            )
+        if failure is not None:
+            raise SubscriptionFailedError(self.subscription.id, failure) from failure
         return self.stats
 
     async def _run(self) -> None:
-        try:
-            if self._ordered:
-                await self._run_ordered()
-            else:
-                await self._run_concurrent()
-        except Exception:
-            log.error(
-                "subscription_failed", subscription=self.subscription.id, exc_info=True
-            )
-            raise
+        if self._ordered:
+            await self._run_ordered()
+        else:
+            await self._run_concurrent()
 
     # -- ordered: lanes, one handler call at a time ---------------------------
 
@@ -285,9 +497,9 @@ class SubscriptionWorker:
                 done, outcomes = await self._process_ready()
                 await self._settle(outcomes, done)
             await self._update_pauses()
-            if self._sink_failed:
-                self._sink_failed = False
-                await _wait_for_stop(self._stop, SINK_FAILURE_BACKOFF_S)
+            if self._back_off:
+                self._back_off = False
+                await _wait_for_stop(self._stop, FAILURE_BACKOFF_S)
                 continue
             now = time.monotonic()
             room = lanes.room(self.batch_size, now, self._can_pause)
@@ -317,7 +529,7 @@ class SubscriptionWorker:
         """Handle every ready lane head, in a worker thread, until none is ready.
 
         Returns the deliveries handled successfully, then every other
-        outcome. This is `_begin`/`_end` inlined: it runs once per message
+        outcome. This is `_step_async` inlined: it runs once per message
         at up to ~100k messages per second, where each call counts.
         """
         done: list[Delivery] = []
@@ -335,37 +547,54 @@ class SubscriptionWorker:
             queue = lane.queue
             while queue and lane.ready_at == 0.0 and not halting.is_set():
                 delivery = queue[0]
-                if claim is not None and not claim(delivery):
-                    lane.pop()
-                    other.append(Outcome(delivery, Status.DROPPED))
-                    continue
-                self._running += 1
-                job = lane.job
-                if job is None:
-                    opened = pipeline.open(delivery)
-                    if isinstance(opened, DeadLetter):
-                        written = self._write_from_thread(opened, loop)
-                        other.extend(self._buried(lane, opened, written))
-                        continue
-                    job = lane.job = opened
-                step = attempt(job)
-                if step is None:
-                    self._running -= 1
-                    queue.popleft()
-                    lane.job = None
-                    if hook is not None:
-                        hook(delivery, finished=True)
+                # True while this attempt holds a claim that must be ended.
+                claimed = False
+                try:
+                    if claim is not None:
+                        if not claim(delivery):
+                            lane.pop()
+                            other.append(Outcome(delivery, Status.DROPPED))
+                            continue
+                        claimed = hook is not None
+                    self._running += 1
+                    job = lane.job
+                    if job is None:
+                        opened = pipeline.open(delivery)
+                        if isinstance(opened, DeadLetter):
+                            written = self._write_from_thread(opened, loop)
+                            claimed = False
+                            other.extend(self._buried(lane, opened, written))
+                            self._running -= 1
+                            continue
+                        job = lane.job = opened
+                    step = attempt(job)
+                    if step is None:
+                        self._running -= 1
+                        queue.popleft()
+                        lane.job = None
+                        if hook is not None:
+                            claimed = False
+                            hook(delivery, finished=True)
+                        else:
+                            unsettled[id(delivery)] = delivery
+                        done.append(delivery)
+                    elif isinstance(step, DeadLetter):
+                        written = self._write_from_thread(step, loop)
+                        claimed = False
+                        other.extend(self._buried(lane, step, written))
+                        self._running -= 1
                     else:
-                        unsettled[id(delivery)] = delivery
-                    done.append(delivery)
-                elif isinstance(step, DeadLetter):
-                    written = self._write_from_thread(step, loop)
-                    other.extend(self._buried(lane, step, written))
-                else:
-                    self._running -= 1
-                    lane.ready_at = time.monotonic() + step
-                    if hook is not None:
-                        hook(delivery, finished=False)
+                        self._running -= 1
+                        lane.ready_at = time.monotonic() + step
+                        if hook is not None:
+                            claimed = False
+                            hook(delivery, finished=False)
+                except Exception as exc:
+                    # Ordered: nothing else runs meanwhile, so none is running.
+                    self._running = 0
+                    if claimed:
+                        self._end_claim(delivery)
+                    other.extend(self._lane_failed(lane, exc))
         return done, other
 
     async def _run_lanes_async(self) -> list[Outcome]:
@@ -376,7 +605,10 @@ class SubscriptionWorker:
             lane = lanes.next_ready()
             if lane is None:
                 break
-            outcomes.extend(await self._step_async(lane))
+            try:
+                outcomes.extend(await self._step_async(lane))
+            except Exception as exc:
+                outcomes.extend(self._lane_failed(lane, exc))
         return outcomes
 
     async def _update_pauses(self) -> None:
@@ -407,9 +639,9 @@ class SubscriptionWorker:
                 if done:
                     tasks -= done
                     await self._settle([o for t in done for o in t.result()])
-                if self._sink_failed:
-                    self._sink_failed = False
-                    await _wait_for_stop(self._stop, SINK_FAILURE_BACKOFF_S)
+                if self._back_off:
+                    self._back_off = False
+                    await _wait_for_stop(self._stop, FAILURE_BACKOFF_S)
                     continue
                 room = self.batch_size - len(tasks)
                 if room <= 0:
@@ -424,9 +656,24 @@ class SubscriptionWorker:
                 await self._settle([o for t in tasks for o in t.result()])
                 tasks.clear()
         finally:
-            stopped.cancel()
-            for task in tasks:
-                task.cancel()
+            await self._end_tasks({*tasks, stopped})
+
+    async def _end_tasks(self, tasks: set[asyncio.Task[Any]]) -> None:
+        """Cancel `tasks` and wait briefly for them to end; retrieve every result."""
+        for task in tasks:
+            task.cancel()
+            task.add_done_callback(_retrieve)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=CANCEL_GRACE_S)
+        if pending:
+            log.warning(
+                "handlers_ignored_cancellation",
+                subscription=self.subscription.id,
+                count=len(pending),
+                grace_s=CANCEL_GRACE_S,
+                next="they run on unowned; their deliveries are not acknowledged",
+            )
 
     async def _handle_one(self, delivery: Delivery) -> list[Outcome]:
         lane = _Lane(delivery.partition, deque([delivery]))
@@ -440,54 +687,68 @@ class SubscriptionWorker:
                     return outcomes
                 if await _wait_for_stop(self._stop, lane.ready_at - time.monotonic()):
                     return [Outcome(delivery, Status.RELEASED)]
-        except Exception:
-            log.error(
-                "delivery_failed_releasing",
-                subscription=self.subscription.id,
-                exc_info=True,
-            )
-            return [Outcome(delivery, Status.RELEASED)]
+        except Exception as exc:
+            return self._lane_failed(lane, exc)
 
     # -- one step of one lane, shared by both modes ---------------------------
-    #
-    # A step claims the lane's head (`_begin`), runs one attempt, and settles
-    # it (`_end`); a dead letter is written between `_end` and `_buried`.
-    # Each returns what finished: an empty list means the head failed and
-    # waits until `lane.ready_at` for its next attempt.
 
-    def _begin(self, lane: _Lane) -> Job | DeadLetter | list[Outcome]:
-        """Claim the head; return its job, its poison dead letter, or DROPPED."""
+    async def _step_async(self, lane: _Lane) -> list[Outcome]:
+        """Claim the lane's head, run one attempt, and settle it.
+
+        Returns what finished: an empty list means the head failed and waits
+        until `lane.ready_at` for its next attempt. Whatever happens, the
+        running count and the claim are ended before it returns or raises.
+        """
         delivery = lane.queue[0]
         if self._claim is not None and not self._claim(delivery):
             lane.pop()
             return [Outcome(delivery, Status.DROPPED)]
+        claimed = self._finish_hook is not None
         self._running += 1
-        job = lane.job
-        if job is None:
-            opened = self.pipeline.open(delivery)
-            if isinstance(opened, DeadLetter):
-                return opened
-            job = lane.job = opened
-        return job
+        try:
+            step: Step
+            job = lane.job
+            if job is None:
+                opened = self.pipeline.open(delivery)
+                if isinstance(opened, Job):
+                    job = lane.job = opened
+                else:
+                    step = opened
+            if job is not None:
+                step = await self._attempt(job)
+            if isinstance(step, DeadLetter):
+                written = await self._write_dead_letter(step)
+                claimed = False
+                return self._buried(lane, step, written)
+            claimed = False
+            if step is None:
+                lane.pop()
+                self._finished(delivery, finished=True)
+                return [Outcome(delivery, Status.DONE)]
+            lane.ready_at = time.monotonic() + step
+            self._finished(delivery, finished=False)
+            return []
+        except BaseException:
+            if claimed:
+                self._end_claim(delivery)
+            raise
+        finally:
+            self._running -= 1
 
-    def _end(self, lane: _Lane, step: Step) -> DeadLetter | list[Outcome]:
-        """Settle one attempt: done, a back-off, or a dead letter to write."""
-        if isinstance(step, DeadLetter):
-            return step
-        self._running -= 1
-        if step is None:
-            delivery = lane.pop()
-            self._finished(delivery, finished=True)
-            return [Outcome(delivery, Status.DONE)]
-        lane.ready_at = time.monotonic() + step
-        self._finished(lane.queue[0], finished=False)
-        return []
+    async def _attempt(self, job: Job) -> Step:
+        if self.pipeline.is_async:
+            return await self.pipeline.attempt_async(job)
+        loop = asyncio.get_running_loop()
+        ctx = contextvars.copy_context()
+        step: Step = await loop.run_in_executor(
+            self._executor, ctx.run, self.pipeline.attempt_sync, job
+        )
+        return step
 
     def _buried(
         self, lane: _Lane, dead_letter: DeadLetter, written: bool
     ) -> list[Outcome]:
         """Settle a dead-letter write: acknowledged, or the lane comes again."""
-        self._running -= 1
         delivery = lane.queue[0]
         if written:
             lane.pop()
@@ -496,24 +757,45 @@ class SubscriptionWorker:
         # The sink failed: this delivery and everything queued behind it in
         # its lane come again, so the lane's order is kept.
         self._finished(delivery, finished=False)
-        self._sink_failed = True
+        self._back_off = True
         return [Outcome(d, Status.RELEASED) for d in lane.clear()]
 
-    async def _step_async(self, lane: _Lane) -> list[Outcome]:
-        work = self._begin(lane)
-        if isinstance(work, Job):
-            if self.pipeline.is_async:
-                step = await self.pipeline.attempt_async(work)
-            else:
-                loop = asyncio.get_running_loop()
-                ctx = contextvars.copy_context()
-                step = await loop.run_in_executor(
-                    self._executor, ctx.run, self.pipeline.attempt_sync, work
-                )
-            work = self._end(lane, step)
-        if isinstance(work, DeadLetter):
-            work = self._buried(lane, work, await self._write_dead_letter(work))
-        return work
+    def _lane_failed(self, lane: _Lane, exc: Exception) -> list[Outcome]:
+        """Release a lane whose head failed outside its handler; back off.
+
+        The head and everything queued behind it come again (in order), so
+        one bad delivery or a source bug never ends the subscription.
+        """
+        released = lane.clear()
+        self._back_off = True
+        head = released[0] if released else None
+        log.warning(
+            "delivery_failed_releasing",
+            subscription=self.subscription.id,
+            topic=self.subscription.topic,
+            message_id=head.headers.get(envelope.MESSAGE_ID) if head else None,
+            released=len(released),
+            error=f"{type(exc).__name__}: {_describe(exc)}",
+            exc_info=exc,
+            next=f"the message and those queued behind it come again after "
+            f"{FAILURE_BACKOFF_S:g} s",
+        )
+        return [Outcome(d, Status.RELEASED) for d in released]
+
+    def _end_claim(self, delivery: Delivery) -> None:
+        """End the claim of an attempt that failed unexpectedly."""
+        hook = self._finish_hook
+        if hook is None:
+            return
+        try:
+            hook(delivery, finished=False)
+        except Exception as exc:
+            log.warning(
+                "finish_failed_continuing",
+                subscription=self.subscription.id,
+                error=_describe(exc),
+                next="the delivery is released and comes again",
+            )
 
     def _finished(
         self, delivery: Delivery, *, finished: bool, dead: bool = False
@@ -553,7 +835,7 @@ class SubscriptionWorker:
                 self.pipeline.sink.write(dead_letter), DEADLETTER_WRITE_TIMEOUT_S
             )
         except Exception as exc:
-            log.error(
+            log.warning(
                 "dead_letter_write_failed",
                 subscription=self.subscription.id,
                 topic=dead_letter.topic,
@@ -674,6 +956,12 @@ class SubscriptionWorker:
                 count=len(deliveries),
                 error=repr(exc),
             )
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a task's exception retrieved: its owner logged or ignored it."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _wait_for_stop(stop: asyncio.Event, seconds: float) -> bool:

@@ -29,7 +29,18 @@ thread per message.
 Halting stops intake, interrupts back-offs (those deliveries are released),
 and lets running handlers finish until the drain deadline. A handler still
 running at the deadline is abandoned: its delivery is not acknowledged, and
-`WorkerStats.abandoned` and the `consumers_stopped` event count it.
+`WorkerStats.abandoned` and the `consumers_stopped` event count it. `def`
+handlers run on daemon threads, so an abandoned one never keeps the process
+from exiting.
+
+Failures outside the handler. A message the codec or the schema validator
+cannot take (whatever the validator raises) is poison. Any other unexpected
+error while handling one delivery (a source hook, a broken exception)
+releases that delivery and those queued behind it in its lane, logs
+`delivery_failed_releasing`, and backs off; the subscription goes on. If a
+fetch loop still dies, `subscription_stopped_for_good` is logged at once,
+`ConsumerRuntime.failed()` names it, and `stop` acknowledges what finished
+and raises `ConsumerStopError`.
 
 Sources may offer optional capabilities, found by attribute (see
 `ReleasingSource`, `RejectingSource`, `TrackingSource`, `PausingSource`).
@@ -58,8 +69,10 @@ from duct_messaging.messaging._consumer_worker import (
     DEFAULT_START_TIMEOUT_S,
     FETCH_TIMEOUT_S,
     ConsumerStartError,
+    ConsumerStopError,
     Outcome,
     Status,
+    SubscriptionFailedError,
     SubscriptionWorker,
     WorkerStats,
 )
@@ -74,6 +87,7 @@ __all__ = [
     "FETCH_TIMEOUT_S",
     "ConsumerRuntime",
     "ConsumerStartError",
+    "ConsumerStopError",
     "Job",
     "MessageContext",
     "Outcome",
@@ -84,6 +98,7 @@ __all__ = [
     "ReleasingSource",
     "Status",
     "Step",
+    "SubscriptionFailedError",
     "SubscriptionWorker",
     "TrackingSource",
     "WorkerStats",
@@ -190,15 +205,22 @@ class ConsumerRuntime:
             s for s in self.routing.subscriptions.values() if s.source in self.sources
         ]
 
+    def failed(self) -> dict[str, BaseException]:
+        """Return what killed each subscription whose fetch loop died."""
+        return {
+            sub: worker.failure
+            for sub, worker in self.workers.items()
+            if worker.failure is not None
+        }
+
     async def start(self) -> None:
         """Start a worker per subscription; stop them all if one fails."""
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
         workers = {
             sub.id: SubscriptionWorker(
                 sub,
                 self._make_source(sub),
-                Pipeline(sub, self.routing, self.sink, loop),
+                Pipeline(sub, self.routing, self.sink),
                 batch_size=self.batch_size,
             )
             for sub in self.subscriptions()
@@ -214,7 +236,15 @@ class ConsumerRuntime:
         }
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
-            await self.stop()
+            try:
+                await self.stop()
+            except ConsumerStopError as exc:
+                log.warning(
+                    "consumers_stop_failed_after_start_failure",
+                    transport=self.transport,
+                    error=str(exc),
+                    next="the start error is raised",
+                )
             raise errors[0]
         log.info(
             "consumers_started",
@@ -228,7 +258,11 @@ class ConsumerRuntime:
 
         Logs `consumers_stopping` once intake stopped, then `consumers_stopped`:
         a warning naming the abandoned count per subscription when a handler
-        outlived the deadline.
+        outlived the deadline, or naming the failed subscriptions.
+
+        Every worker is stopped even if some fail to; then
+        `ConsumerStopError` is raised, carrying each failure (a worker whose
+        fetch loop had died fails with `SubscriptionFailedError`).
         """
         started = time.monotonic()
         for worker in self.workers.values():
@@ -239,12 +273,19 @@ class ConsumerRuntime:
             subscriptions=sorted(self.workers),
             drain_timeout_s=self.drain_timeout_s,
         )
-        stats = await asyncio.gather(
-            *(w.stop(self.drain_timeout_s) for w in self.workers.values())
+        results = await asyncio.gather(
+            *(w.stop(self.drain_timeout_s) for w in self.workers.values()),
+            return_exceptions=True,
         )
-        report = dict(zip(self.workers, stats, strict=True))
+        failures = {
+            sub: result
+            for sub, result in zip(self.workers, results, strict=True)
+            if isinstance(result, BaseException)
+        }
+        report = {sub: worker.stats for sub, worker in self.workers.items()}
+        stats = list(report.values())
         abandoned = {sub: s.abandoned for sub, s in report.items() if s.abandoned}
-        event = log.warning if abandoned else log.info
+        event = log.warning if abandoned or failures else log.info
         event(
             "consumers_stopped",
             transport=self.transport,
@@ -253,8 +294,11 @@ class ConsumerRuntime:
             released=sum(s.released for s in stats),
             abandoned=sum(abandoned.values()),
             abandoned_by_subscription=abandoned,
+            failed=sorted(failures),
             drain_timeout_s=self.drain_timeout_s,
             ms=round((time.monotonic() - started) * 1000, 1),
         )
         self.workers = {}
+        if failures:
+            raise ConsumerStopError(self.transport, failures)
         return report
