@@ -8,8 +8,9 @@ to build its runtime.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from duct_messaging.messaging._config_check import ANY, Kind, MapOf, as_schema
 from duct_messaging.messaging.components import (
@@ -110,3 +111,28 @@ def key_from_headers(headers: Mapping[str, str]) -> bytes | None:
     """Return the message key carried in `x-key`, if any."""
     value = headers.get(KEY_HEADER)
     return value.encode("utf-8") if value is not None else None
+
+
+class Connectable(Protocol):
+    """A client that connects once and closes once."""
+
+    async def connect(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+async def connect_all(registry: Mapping[str, Connectable]) -> None:
+    """Connect every client in turn; if one fails, close them all and raise."""
+    try:
+        for client in registry.values():
+            await client.connect()
+    except BaseException:
+        await close_all(registry)
+        raise
+
+
+async def close_all(registry: Mapping[str, Connectable]) -> None:
+    """Close every client, each failure ignored so the others still close."""
+    await asyncio.gather(
+        *(client.aclose() for client in registry.values()), return_exceptions=True
+    )

@@ -94,6 +94,8 @@ from duct_messaging.messaging.routing import Routing, Subscription
 from duct_messaging.system import component
 from duct_messaging.transports._shared import (
     clients_spec,
+    close_all,
+    connect_all,
     consumers_component,
     key_from_headers,
     key_header,
@@ -726,24 +728,13 @@ async def clients(value: Mapping[str, Any]) -> dict[str, NatsClient]:
     registry = {
         name: NatsClient.from_config(name, config) for name, config in value.items()
     }
-    try:
-        for client in registry.values():
-            await client.connect()
-    except BaseException:
-        await _close_clients(registry)
-        raise
+    await connect_all(registry)
     return registry
 
 
 @clients.halt
 async def _halt_clients(registry: Mapping[str, NatsClient]) -> None:
-    await _close_clients(registry)
-
-
-async def _close_clients(registry: Mapping[str, NatsClient]) -> None:
-    await asyncio.gather(
-        *(c.aclose() for c in registry.values()), return_exceptions=True
-    )
+    await close_all(registry)
 
 
 @component("duct.nats/producers", schema=as_schema(producers_spec(TRANSPORT)))

@@ -69,7 +69,12 @@ from duct_messaging.messaging.components import producers_spec
 from duct_messaging.messaging.consumer import ConsumerRuntime
 from duct_messaging.messaging.routing import Routing, Subscription
 from duct_messaging.system import component
-from duct_messaging.transports._shared import clients_spec, consumers_component
+from duct_messaging.transports._shared import (
+    clients_spec,
+    close_all,
+    connect_all,
+    consumers_component,
+)
 from duct_messaging.transports.base import Delivery, OutgoingMessage, Receipt, Target
 
 try:
@@ -136,6 +141,13 @@ class RedisClient:
             maxlen=int(maxlen) if maxlen is not None else None,
             claim_idle_ms=int(config.get("claim_idle_ms", DEFAULT_CLAIM_IDLE_MS)),
         )
+
+    async def connect(self) -> None:
+        """Check the server answers (PING); raise `RedisTransportError` if not."""
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            raise RedisTransportError(self.name, f"reach {self.url}", str(exc)) from exc
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -653,29 +665,13 @@ async def clients(value: Mapping[str, Any]) -> dict[str, RedisClient]:
     registry = {
         name: RedisClient.from_config(name, config) for name, config in value.items()
     }
-    try:
-        for client in registry.values():
-            try:
-                await client.redis.ping()
-            except (RedisError, OSError) as exc:
-                raise RedisTransportError(
-                    client.name, f"reach {client.url}", str(exc)
-                ) from exc
-    except BaseException:
-        await _close_clients(registry)
-        raise
+    await connect_all(registry)
     return registry
 
 
 @clients.halt
 async def _halt_clients(registry: Mapping[str, RedisClient]) -> None:
-    await _close_clients(registry)
-
-
-async def _close_clients(registry: Mapping[str, RedisClient]) -> None:
-    await asyncio.gather(
-        *(c.aclose() for c in registry.values()), return_exceptions=True
-    )
+    await close_all(registry)
 
 
 @component("duct.redis/producers", schema=as_schema(producers_spec(TRANSPORT)))
