@@ -73,7 +73,7 @@ class KafkaProducer:
         self.client = client.name
         self._kafka_client = client
         self._loop = loop
-        self._producer = Producer(client.producer_config())
+        self._handle: Producer | None = Producer(client.producer_config())
         self._reports: list[tuple[Any, Any, Any]] = []
         # Futures (or batches) with a message librdkafka still holds, and
         # how many: whatever is left when the producer closes is failed.
@@ -133,14 +133,17 @@ class KafkaProducer:
 
     def _check_open(self, topic: str | None) -> None:
         if self._closed:
-            raise KafkaTransportError(
-                "send",
-                self.client,
-                topic,
-                "the producer is closed",
-                "Send before the system halts (halt the producers after "
-                "the consumers and tasks that send).",
-            )
+            raise self._closed_error(topic)
+
+    def _closed_error(self, topic: str | None) -> KafkaTransportError:
+        return KafkaTransportError(
+            "send",
+            self.client,
+            topic,
+            "the producer is closed",
+            "Send before the system halts (halt the producers after "
+            "the consumers and tasks that send).",
+        )
 
     def _try_produce(self, target: Target, message: OutgoingMessage, sink: Any) -> bool:
         partition = target.options.get("partition")
@@ -176,9 +179,18 @@ class KafkaProducer:
         self._reports.append((sink, err, msg))
         self._track(waiter, -1)
 
+    @property
+    def _producer(self) -> Producer:
+        handle = self._handle
+        if handle is None:
+            raise self._closed_error(None)
+        return handle
+
     def flush(self, timeout: float = 10.0) -> int:
         """Wait for outstanding messages; return how many are still queued."""
-        remaining: int = self._producer.flush(timeout)
+        if self._handle is None:
+            return 0
+        remaining: int = self._handle.flush(timeout)
         return remaining
 
     def close(self, timeout: float = 10.0) -> None:
@@ -191,6 +203,10 @@ class KafkaProducer:
         remaining = self.flush(timeout)
         self._stopping.set()
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            # Dropping the last reference destroys the librdkafka handle,
+            # which would otherwise keep reconnecting to a broker long gone.
+            self._handle = None
         with self._pending_lock:
             stranded = [(waiter, topic) for waiter, _, topic in self._pending.values()]
             self._pending.clear()
