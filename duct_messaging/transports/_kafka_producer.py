@@ -75,10 +75,6 @@ class KafkaProducer:
         self._loop = loop
         self._handle: Producer | None = Producer(client.producer_config())
         self._reports: list[tuple[Any, Any, Any]] = []
-        # Futures (or batches) with a message librdkafka still holds, and
-        # how many: whatever is left when the producer closes is failed.
-        self._pending: dict[int, list[Any]] = {}  # id -> [waiter, count, topic]
-        self._pending_lock = threading.Lock()
         self._closed = False
         self._stopping = threading.Event()
         self._thread = threading.Thread(
@@ -149,35 +145,18 @@ class KafkaProducer:
         partition = target.options.get("partition")
         topic = self.destination(target, message.topic)
         self._check_open(topic)
-        waiter = sink[0] if isinstance(sink, tuple) else sink
-        self._track(waiter, 1, topic)
         try:
             self._producer.produce(
                 topic,
                 message.body,
                 message.key,
-                on_delivery=lambda err, msg: self._report(sink, waiter, err, msg),
+                on_delivery=lambda err, msg: self._reports.append((sink, err, msg)),
                 headers=list(message.headers.items()),
                 partition=-1 if partition is None else int(partition),
             )
-        except BaseException as exc:
-            self._track(waiter, -1)
-            if isinstance(exc, BufferError):
-                return False
-            raise
+        except BufferError:
+            return False
         return True
-
-    def _track(self, waiter: Any, change: int, topic: str = "") -> None:
-        with self._pending_lock:
-            entry = self._pending.setdefault(id(waiter), [waiter, 0, topic])
-            entry[1] += change
-            if entry[1] <= 0:
-                del self._pending[id(waiter)]
-
-    def _report(self, sink: Any, waiter: Any, err: Any, msg: Any) -> None:
-        # Runs on the poll thread (librdkafka's delivery callback).
-        self._reports.append((sink, err, msg))
-        self._track(waiter, -1)
 
     @property
     def _producer(self) -> Producer:
@@ -196,48 +175,29 @@ class KafkaProducer:
     def close(self, timeout: float = 10.0) -> None:
         """Flush outstanding messages and stop the poll thread.
 
-        Sends still waiting for the broker once `timeout` passed fail with
-        `KafkaTransportError`; later sends fail at once.
+        Sends still waiting for the broker once `timeout` passed are purged:
+        librdkafka reports each as failed, so its caller gets a
+        `KafkaTransportError`. Later sends fail at once.
         """
         self._closed = True
         remaining = self.flush(timeout)
         self._stopping.set()
         self._thread.join(timeout)
-        if not self._thread.is_alive():
-            # Dropping the last reference destroys the librdkafka handle,
-            # which would otherwise keep reconnecting to a broker long gone.
-            self._handle = None
-        with self._pending_lock:
-            stranded = [(waiter, topic) for waiter, _, topic in self._pending.values()]
-            self._pending.clear()
-        if stranded:
-            # Queued after the poll thread's last reports, so those settle
-            # their futures first.
-            with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
-                self._loop.call_soon_threadsafe(self._fail_stranded, stranded)
+        if self._thread.is_alive():
+            return
+        handle = self._handle
+        if handle is not None and remaining:
+            handle.purge()
+            handle.poll(0)  # serves the purged messages' delivery reports
+            self._dispatch()
+        # Dropping the last reference destroys the librdkafka handle, which
+        # would otherwise keep reconnecting to a broker long gone.
+        self._handle = None
         if remaining:
             log.warning(
                 "kafka_producer_closed_with_queued",
                 client=self.client,
                 queued=remaining,
-            )
-
-    def _fail_stranded(self, waiters: list[tuple[Any, str]]) -> None:
-        for waiter, topic in waiters:
-            future = waiter.future if isinstance(waiter, _BatchReports) else waiter
-            if future.done():
-                continue
-            future.set_exception(
-                KafkaTransportError(
-                    "delivery",
-                    self.client,
-                    topic,
-                    "the producer closed before the broker acknowledged the "
-                    "message, which may or may not have been written",
-                    "Let sends finish before halting (halt producers last) or "
-                    "check that the bootstrap servers "
-                    f"{self._kafka_client.bootstrap_servers} are reachable.",
-                )
             )
 
     def _poll_loop(self) -> None:
