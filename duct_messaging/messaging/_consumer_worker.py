@@ -16,24 +16,42 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor, Future
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import structlog
 
-from duct_messaging.errors import DuctMessagingError
 from duct_messaging.messaging import envelope
+from duct_messaging.messaging._consumer_errors import (
+    ConsumerStartError,
+    ConsumerStopError,
+    SubscriptionFailedError,
+    describe,
+)
+from duct_messaging.messaging._consumer_lanes import Lane, Lanes, Outcome, Status
 from duct_messaging.messaging._consumer_pipeline import Job, Pipeline, Step
+from duct_messaging.messaging._daemon_pool import DaemonPool
 from duct_messaging.messaging.deadletter import DeadLetter
 from duct_messaging.messaging.routing import Subscription
 from duct_messaging.transports.base import ConsumerSource, Delivery
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_DRAIN_TIMEOUT_S",
+    "DEFAULT_START_TIMEOUT_S",
+    "FETCH_TIMEOUT_S",
+    "ConsumerStartError",
+    "ConsumerStopError",
+    "Outcome",
+    "Status",
+    "SubscriptionFailedError",
+    "SubscriptionWorker",
+    "WorkerStats",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -52,112 +70,8 @@ FAILURE_BACKOFF_S = 0.5
 # After the drain deadline, how long cancelled handler tasks get to end.
 CANCEL_GRACE_S = 1.0
 
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
 # A failed fetch is retried after this long; the source reconnects meanwhile.
 FETCH_FAILURE_BACKOFF_S = 1.0
-
-
-class ConsumerStartError(DuctMessagingError, RuntimeError):
-    """Raised when a subscription's source failed to start, or not in time."""
-
-    def __init__(
-        self,
-        subscription: str,
-        source: str,
-        client: str,
-        reason: str,
-        hint: str,
-    ) -> None:
-        self.subscription = subscription
-        self.source = source
-        self.client = client
-        self.reason = reason
-        super().__init__(
-            f"Subscription {subscription!r} could not start its {source} consumer "
-            f"on client {client!r}: {reason}. {hint}"
-        )
-
-    @classmethod
-    def of(
-        cls, subscription: Subscription, exc: BaseException, timeout_s: float
-    ) -> ConsumerStartError:
-        """Return the error for `subscription`'s source, which failed with `exc`."""
-        if isinstance(exc, TimeoutError):
-            reason = f"not started after {timeout_s:g} s"
-            hint = (
-                "Check that the broker is up and reachable from here, or raise "
-                "start_timeout_s in the consumers' settings."
-            )
-        else:
-            reason = f"{type(exc).__name__}: {_describe(exc)}"
-            hint = "Check the client's settings and that its broker is up."
-        return cls(
-            subscription.id, subscription.source, subscription.client, reason, hint
-        )
-
-
-class SubscriptionFailedError(DuctMessagingError, RuntimeError):
-    """Raised by `SubscriptionWorker.stop` when its fetch loop had died."""
-
-    def __init__(self, subscription: str, cause: BaseException) -> None:
-        self.subscription = subscription
-        self.cause = cause
-        super().__init__(
-            f"Subscription {subscription!r} stopped consuming for good: "
-            f"{type(cause).__name__}: {_describe(cause)}. What finished was "
-            "acknowledged; fix the cause (see the traceback) and restart."
-        )
-
-
-class ConsumerStopError(DuctMessagingError, RuntimeError):
-    """Raised by `ConsumerRuntime.stop` when some workers failed or died.
-
-    Every worker was still stopped; `failures` maps each failed
-    subscription to its error.
-    """
-
-    def __init__(self, transport: str, failures: dict[str, BaseException]) -> None:
-        self.transport = transport
-        self.failures = failures
-        listed = "; ".join(
-            f"{sub!r} ({type(exc).__name__}: {_describe(exc)})"
-            for sub, exc in failures.items()
-        )
-        super().__init__(
-            f"{transport} consumers did not stop cleanly: {listed}. Every other "
-            "subscription stopped; see the logged errors for the cause."
-        )
-
-
-def _describe(exc: BaseException) -> str:
-    """Return `str(exc)`, even for an exception that cannot render itself."""
-    try:
-        return str(exc)
-    except Exception:
-        return f"<{type(exc).__name__} that cannot be printed>"
-
-
-class Status(Enum):
-    """What became of one delivery."""
-
-    DONE = "done"
-    DEAD = "dead"
-    RELEASED = "released"
-    DROPPED = "dropped"
-
-
-@dataclass(slots=True)
-class Outcome:
-    """The result of the pipeline for one delivery.
-
-    `DROPPED` means the source withdrew the delivery (its Kafka partition
-    was revoked): it is neither acknowledged nor released.
-    """
-
-    delivery: Delivery
-    status: Status
-    dead_letter: DeadLetter | None = None
 
 
 @dataclass(slots=True)
@@ -171,176 +85,6 @@ class WorkerStats:
     abandoned: int = 0
     batches: int = 0
     errors: list[str] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class _Lane:
-    """Deliveries handled in order: one partition, or a whole subscription."""
-
-    key: int | None
-    queue: deque[Delivery] = field(default_factory=deque)
-    job: Job | None = None
-    ready_at: float = 0.0
-    paused: bool = False
-
-    def waiting(self, now: float) -> bool:
-        return bool(self.queue) and self.ready_at > now
-
-    def pop(self) -> Delivery:
-        self.job = None
-        self.ready_at = 0.0
-        return self.queue.popleft()
-
-    def clear(self) -> list[Delivery]:
-        self.job = None
-        self.ready_at = 0.0
-        out = list(self.queue)
-        self.queue.clear()
-        return out
-
-
-class _Lanes:
-    """The ordered lanes of one worker, keyed by partition."""
-
-    def __init__(self) -> None:
-        self._lanes: dict[int | None, _Lane] = {}
-
-    def add(self, deliveries: Iterable[Delivery]) -> None:
-        for delivery in deliveries:
-            lane = self._lanes.get(delivery.partition)
-            if lane is None:
-                lane = self._lanes[delivery.partition] = _Lane(delivery.partition)
-            lane.queue.append(delivery)
-
-    def next_ready(self) -> _Lane | None:
-        """Return the first lane whose head may run now, if any."""
-        now = 0.0
-        for lane in self._lanes.values():
-            if not lane.queue:
-                continue
-            if lane.ready_at == 0.0:
-                return lane
-            now = now or time.monotonic()
-            if lane.ready_at <= now:
-                lane.ready_at = 0.0
-                return lane
-        return None
-
-    def until_ready(self, now: float) -> float | None:
-        """Return seconds until some lane can go on (0: now; None: all empty)."""
-        waits = [
-            max(lane.ready_at - now, 0.0) for lane in self._lanes.values() if lane.queue
-        ]
-        return min(waits) if waits else None
-
-    def room(self, limit: int, now: float, can_pause: bool) -> int:
-        """Return how many more deliveries may be fetched."""
-        queued = 0
-        for lane in self._lanes.values():
-            if lane.paused:
-                continue
-            if not can_pause and lane.waiting(now):
-                return 0  # fetching more would only pile up behind the back-off
-            queued += len(lane.queue)
-        return max(limit - queued, 0)
-
-    def pause_changes(self, now: float, can_pause: bool) -> tuple[list[int], list[int]]:
-        """Return (partitions to pause, partitions to resume); drop idle lanes."""
-        to_pause: list[int] = []
-        to_resume: list[int] = []
-        for key, lane in list(self._lanes.items()):
-            waiting = lane.waiting(now)
-            if key is not None and lane.paused and not waiting:
-                lane.paused = False
-                to_resume.append(key)
-            elif key is not None and can_pause and waiting and not lane.paused:
-                lane.paused = True
-                to_pause.append(key)
-            if not lane.queue and not lane.paused:
-                del self._lanes[key]
-        return to_pause, to_resume
-
-    def drain(self) -> list[Delivery]:
-        out: list[Delivery] = []
-        for lane in self._lanes.values():
-            out.extend(lane.clear())
-        self._lanes.clear()
-        return out
-
-
-_WorkItem = tuple["Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
-
-
-class _DaemonPool(Executor):
-    """At most `max_workers` daemon threads running `def` handlers.
-
-    Unlike `ThreadPoolExecutor`, whose threads the interpreter joins at exit,
-    a handler still running when it was abandoned at the drain deadline
-    does not keep the process alive: its delivery was never acknowledged,
-    so the broker delivers it again.
-    """
-
-    def __init__(self, max_workers: int, name: str) -> None:
-        self._max = max_workers
-        self._name = name
-        self._queue: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._idle = 0
-        self._shutdown = False
-
-    def submit(
-        self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
-    ) -> Future[_T]:
-        future: Future[_T] = Future()
-        with self._lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            self._queue.put((future, fn, args, kwargs))
-            if self._idle:
-                self._idle -= 1
-            elif len(self._threads) < self._max:
-                thread = threading.Thread(
-                    target=self._work,
-                    name=f"{self._name}_{len(self._threads)}",
-                    daemon=True,
-                )
-                self._threads.append(thread)
-                thread.start()
-        return future
-
-    def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            future, fn, args, kwargs = item
-            del item
-            if future.set_running_or_notify_cancel():
-                try:
-                    result = fn(*args, **kwargs)
-                except BaseException as exc:
-                    future.set_exception(exc)
-                else:
-                    future.set_result(result)
-            del future, fn, args, kwargs
-            with self._lock:
-                self._idle += 1
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        with self._lock:
-            self._shutdown = True
-            threads = list(self._threads)
-        if cancel_futures:
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    item[0].cancel()
-        for _ in threads:
-            self._queue.put(None)
-        if wait:
-            for thread in threads:
-                thread.join()
 
 
 class SubscriptionWorker:
@@ -363,13 +107,11 @@ class SubscriptionWorker:
         self._stop = asyncio.Event()
         # The same stop request, readable from worker threads.
         self._halting = threading.Event()
-        self._executor = _DaemonPool(
-            subscription.concurrency, f"duct-{subscription.id}"
-        )
+        self._executor = DaemonPool(subscription.concurrency, f"duct-{subscription.id}")
         self._task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._semaphore = asyncio.Semaphore(subscription.concurrency)
-        self._lanes = _Lanes()
+        self._lanes = Lanes()
         # Deliveries whose handler (or dead-letter write) is running now;
         # only one thread at a time runs steps, so a plain counter will do.
         self._running = 0
@@ -413,8 +155,8 @@ class SubscriptionWorker:
             log.warning(
                 "source_stop_failed_after_start_failure",
                 subscription=self.subscription.id,
-                error=_describe(stop_exc),
-                start_error=_describe(exc),
+                error=describe(stop_exc),
+                start_error=describe(exc),
                 next="the start error is raised; the source may hold a connection",
             )
 
@@ -428,7 +170,7 @@ class SubscriptionWorker:
             "subscription_stopped_for_good",
             subscription=self.subscription.id,
             topic=self.subscription.topic,
-            error=_describe(failure),
+            error=describe(failure),
             exc_info=failure,
             next="its messages are not consumed until the service restarts; "
             "halting acknowledges what finished and raises this error",
@@ -474,7 +216,7 @@ class SubscriptionWorker:
             log.warning(
                 "source_stop_failed",
                 subscription=self.subscription.id,
-                error=_describe(exc),
+                error=describe(exc),
                 next="the subscription's own failure is raised instead",
             )
         if failure is not None:
@@ -676,7 +418,7 @@ class SubscriptionWorker:
             )
 
     async def _handle_one(self, delivery: Delivery) -> list[Outcome]:
-        lane = _Lane(delivery.partition, deque([delivery]))
+        lane = Lane(delivery.partition, deque([delivery]))
         try:
             while True:
                 async with self._semaphore:
@@ -692,7 +434,7 @@ class SubscriptionWorker:
 
     # -- one step of one lane, shared by both modes ---------------------------
 
-    async def _step_async(self, lane: _Lane) -> list[Outcome]:
+    async def _step_async(self, lane: Lane) -> list[Outcome]:
         """Claim the lane's head, run one attempt, and settle it.
 
         Returns what finished: an empty list means the head failed and waits
@@ -746,7 +488,7 @@ class SubscriptionWorker:
         return step
 
     def _buried(
-        self, lane: _Lane, dead_letter: DeadLetter, written: bool
+        self, lane: Lane, dead_letter: DeadLetter, written: bool
     ) -> list[Outcome]:
         """Settle a dead-letter write: acknowledged, or the lane comes again."""
         delivery = lane.queue[0]
@@ -760,7 +502,7 @@ class SubscriptionWorker:
         self._back_off = True
         return [Outcome(d, Status.RELEASED) for d in lane.clear()]
 
-    def _lane_failed(self, lane: _Lane, exc: Exception) -> list[Outcome]:
+    def _lane_failed(self, lane: Lane, exc: Exception) -> list[Outcome]:
         """Release a lane whose head failed outside its handler; back off.
 
         The head and everything queued behind it come again (in order), so
@@ -775,7 +517,7 @@ class SubscriptionWorker:
             topic=self.subscription.topic,
             message_id=head.headers.get(envelope.MESSAGE_ID) if head else None,
             released=len(released),
-            error=f"{type(exc).__name__}: {_describe(exc)}",
+            error=f"{type(exc).__name__}: {describe(exc)}",
             exc_info=exc,
             next=f"the message and those queued behind it come again after "
             f"{FAILURE_BACKOFF_S:g} s",
@@ -793,7 +535,7 @@ class SubscriptionWorker:
             log.warning(
                 "finish_failed_continuing",
                 subscription=self.subscription.id,
-                error=_describe(exc),
+                error=describe(exc),
                 next="the delivery is released and comes again",
             )
 
