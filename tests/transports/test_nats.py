@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
+import functools
 import json
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from duct_messaging.errors import MissingExtraError
 from duct_messaging.messaging import envelope
 from duct_messaging.messaging.consumer import MessageContext
 from duct_messaging.messaging.producer import PublishError
-from duct_messaging.system import ConfigError, InitError, Ref
+from duct_messaging.system import ConfigError, InitError
 from duct_messaging.transports.base import OutgoingMessage, Target
 from duct_messaging.transports.nats import (
     ConsumerConfigMismatchError,
@@ -30,8 +29,8 @@ from duct_messaging.transports.nats import (
     StreamConfigMismatchError,
 )
 from tests.contract.conftest import Inbox, RecordingSink
+from tests.transports import _support as support
 from tests.transports._support import (
-    FailingOnceSink,
     Systems,
     eventually,
     on_loop,
@@ -87,40 +86,17 @@ def config(
     """Return a system with one NATS client `main` owning one stream."""
     name, prefix = names
     spec = {"subjects": [f"{prefix}.>"], "storage": "memory", **(stream or {})}
-    return {
-        "duct.nats/clients": {"main": {"servers": URL, "streams": {name: spec}}},
-        "duct.nats/producers": {"clients": Ref("duct.nats/clients")},
-        "duct.messaging/producers": [Ref("duct.nats/producers")],
-        "duct.messaging/routing": {
-            "topics": {"orders": {}},
-            "publish": {
-                "orders": {
-                    "targets": [{"client": "main", "subject": f"{prefix}.{subject}"}]
-                }
-            },
-            "subscriptions": subscriptions or {},
-        },
-        "duct.messaging/producer": {
-            "routing": Ref("duct.messaging/routing"),
-            "producers": Ref("duct.messaging/producers"),
-        },
-        "duct.nats/consumers": {
-            "clients": Ref("duct.nats/clients"),
-            "routing": Ref("duct.messaging/routing"),
-            "deadletter": Ref(SINK),
-        },
-        SINK: {},
-    }
+    return support.system_config(
+        "nats",
+        {"servers": URL, "streams": {name: spec}},
+        topic="orders",
+        target={"subject": f"{prefix}.{subject}"},
+        subscriptions=subscriptions,
+        sink=SINK,
+    )
 
 
-def subscription(handler: Any, **extra: Any) -> dict[str, Any]:
-    return {
-        "topic": "orders",
-        "source": "nats",
-        "client": "main",
-        "handler": handler,
-        **extra,
-    }
+subscription = functools.partial(support.subscription, "nats")
 
 
 def consumer_info(stream: str, durable: str) -> Any:
@@ -398,21 +374,14 @@ class TestConsuming:
         self, names: tuple[str, str], systems: Systems
     ) -> None:
         """When the dead-letter sink fails, the message is nakked and comes back."""
-        attempts: list[int] = []
-
-        def broken(message: Any, ctx: MessageContext) -> None:
-            attempts.append(ctx.attempt)
-            raise RuntimeError("always")
-
-        sink = FailingOnceSink()
-        subs = {
-            "flaky": subscription(
-                broken, retry={"max_attempts": 1, "backoff": {"initial_ms": 10}}
-            )
-        }
-        system = systems.start(config(names, subs), **{SINK: sink})
-
-        system["duct.messaging/producer"].produce({"n": 1}, topic="orders")
+        _, sink, attempts = support.start_flaky(
+            systems,
+            lambda s: config(names, s),
+            subscription,
+            SINK,
+            max_attempts=1,
+            backoff={"initial_ms": 10},
+        )
 
         assert sink.wait_for(1)
         assert attempts == [1, 2]
@@ -467,8 +436,7 @@ class TestExtra:
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Importing the transport without nats-py asks for the `nats` extra."""
-        monkeypatch.setitem(sys.modules, "nats", None)
-        monkeypatch.delitem(sys.modules, "duct_messaging.transports.nats")
-
         with pytest.raises(MissingExtraError, match=r"duct-messaging\[nats\]"):
-            importlib.import_module("duct_messaging.transports.nats")
+            support.import_without(
+                monkeypatch, "nats", "duct_messaging.transports.nats"
+            )

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
-import sys
+import functools
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -14,17 +13,16 @@ import pytest
 
 from duct_messaging import init
 from duct_messaging.errors import MissingExtraError
-from duct_messaging.messaging.consumer import MessageContext
 from duct_messaging.messaging.producer import PublishError
-from duct_messaging.system import ConfigError, InitError, Ref
+from duct_messaging.system import ConfigError, InitError
 from duct_messaging.transports.base import OutgoingMessage, Target
 from duct_messaging.transports.rabbitmq import (
     RabbitTransportError,
     UnroutableMessageError,
 )
 from tests.contract.conftest import Inbox, RecordingSink
+from tests.transports import _support as support
 from tests.transports._support import (
-    FailingOnceSink,
     Systems,
     eventually,
     on_loop,
@@ -80,50 +78,9 @@ def systems() -> Iterator[Systems]:
     yield from running_systems()
 
 
-def config(
-    exchange: str,
-    subscriptions: dict[str, Any] | None = None,
-    *,
-    target: dict[str, Any] | None = None,
-    client: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Return a system with one RabbitMQ client `main` publishing to `exchange`."""
-    return {
-        "duct.rabbitmq/clients": {"main": {"url": URL, **(client or {})}},
-        "duct.rabbitmq/producers": {"clients": Ref("duct.rabbitmq/clients")},
-        "duct.messaging/producers": [Ref("duct.rabbitmq/producers")],
-        "duct.messaging/routing": {
-            "topics": {"orders": {}},
-            "publish": {
-                "orders": {
-                    "targets": [
-                        {"client": "main", "exchange": exchange, **(target or {})}
-                    ]
-                }
-            },
-            "subscriptions": subscriptions or {},
-        },
-        "duct.messaging/producer": {
-            "routing": Ref("duct.messaging/routing"),
-            "producers": Ref("duct.messaging/producers"),
-        },
-        "duct.rabbitmq/consumers": {
-            "clients": Ref("duct.rabbitmq/clients"),
-            "routing": Ref("duct.messaging/routing"),
-            "deadletter": Ref(SINK),
-        },
-        SINK: {},
-    }
-
-
-def subscription(handler: Any, **extra: Any) -> dict[str, Any]:
-    return {
-        "topic": "orders",
-        "source": "rabbitmq",
-        "client": "main",
-        "handler": handler,
-        **extra,
-    }
+# A system with one client `main` publishing topic `orders` to `exchange`.
+config = support.url_client_config("rabbitmq", URL, "exchange", sink=SINK)
+subscription = functools.partial(support.subscription, "rabbitmq")
 
 
 class TestTopology:
@@ -280,17 +237,9 @@ class TestConfirmsAndAcks:
         self, exchange: str, systems: Systems
     ) -> None:
         """When the dead-letter sink fails, the message goes back to its queue."""
-        attempts: list[int] = []
-
-        def broken(message: Any, ctx: MessageContext) -> None:
-            attempts.append(ctx.attempt)
-            raise RuntimeError("always")
-
-        sink = FailingOnceSink()
-        subs = {"flaky": subscription(broken, retry={"max_attempts": 1})}
-        system = systems.start(config(exchange, subs), **{SINK: sink})
-
-        system["duct.messaging/producer"].produce({"n": 1}, topic="orders")
+        system, sink, attempts = support.start_flaky(
+            systems, lambda s: config(exchange, s), subscription, SINK, max_attempts=1
+        )
 
         assert sink.wait_for(1)
         assert attempts == [1, 2]
@@ -396,8 +345,7 @@ class TestConfig:
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Importing the transport without aio-pika asks for the `rabbitmq` extra."""
-        monkeypatch.setitem(sys.modules, "aio_pika", None)
-        monkeypatch.delitem(sys.modules, "duct_messaging.transports.rabbitmq")
-
         with pytest.raises(MissingExtraError, match=r"duct-messaging\[rabbitmq\]"):
-            importlib.import_module("duct_messaging.transports.rabbitmq")
+            support.import_without(
+                monkeypatch, "aio_pika", "duct_messaging.transports.rabbitmq"
+            )

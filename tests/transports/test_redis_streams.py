@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
-import sys
+import functools
 import threading
 import time
 import uuid
@@ -18,15 +17,15 @@ from duct_messaging import init
 from duct_messaging.errors import MissingExtraError
 from duct_messaging.messaging.consumer import MessageContext
 from duct_messaging.messaging.producer import PublishError
-from duct_messaging.system import ConfigError, InitError, Ref
+from duct_messaging.system import ConfigError, InitError
 from duct_messaging.transports.base import OutgoingMessage, Target
 from duct_messaging.transports.redis_streams import (
     RedisTransportError,
     ReservedFieldError,
 )
 from tests.contract.conftest import Inbox, RecordingSink
+from tests.transports import _support as support
 from tests.transports._support import (
-    FailingOnceSink,
     Systems,
     eventually,
     on_loop,
@@ -63,48 +62,9 @@ def systems() -> Iterator[Systems]:
     yield from running_systems()
 
 
-def config(
-    stream: str,
-    subscriptions: dict[str, Any] | None = None,
-    *,
-    client: dict[str, Any] | None = None,
-    target: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Return a system with one Redis client `main` publishing to `stream`."""
-    return {
-        "duct.redis/clients": {"main": {"url": URL, **(client or {})}},
-        "duct.redis/producers": {"clients": Ref("duct.redis/clients")},
-        "duct.messaging/producers": [Ref("duct.redis/producers")],
-        "duct.messaging/routing": {
-            "topics": {"orders": {}},
-            "publish": {
-                "orders": {
-                    "targets": [{"client": "main", "stream": stream, **(target or {})}]
-                }
-            },
-            "subscriptions": subscriptions or {},
-        },
-        "duct.messaging/producer": {
-            "routing": Ref("duct.messaging/routing"),
-            "producers": Ref("duct.messaging/producers"),
-        },
-        "duct.redis/consumers": {
-            "clients": Ref("duct.redis/clients"),
-            "routing": Ref("duct.messaging/routing"),
-            "deadletter": Ref(SINK),
-        },
-        SINK: {},
-    }
-
-
-def subscription(handler: Any, **extra: Any) -> dict[str, Any]:
-    return {
-        "topic": "orders",
-        "source": "redis",
-        "client": "main",
-        "handler": handler,
-        **extra,
-    }
+# A system with one client `main` publishing topic `orders` to `stream`.
+config = support.url_client_config("redis", URL, "stream", sink=SINK)
+subscription = functools.partial(support.subscription, "redis")
 
 
 def pending(raw: redis.Redis, stream: str, group: str) -> int:
@@ -280,17 +240,9 @@ class TestGroups:
         self, stream: str, raw: redis.Redis, systems: Systems
     ) -> None:
         """When the dead-letter sink fails, the entry stays pending and comes back."""
-        attempts: list[int] = []
-
-        def broken(message: Any, ctx: MessageContext) -> None:
-            attempts.append(ctx.attempt)
-            raise RuntimeError("always")
-
-        sink = FailingOnceSink()
-        subs = {"flaky": subscription(broken, retry={"max_attempts": 1})}
-        system = systems.start(config(stream, subs), **{SINK: sink})
-
-        system["duct.messaging/producer"].produce({"n": 1}, topic="orders")
+        _, sink, attempts = support.start_flaky(
+            systems, lambda s: config(stream, s), subscription, SINK, max_attempts=1
+        )
 
         assert sink.wait_for(1)
         assert sink.failures == 1
@@ -413,8 +365,7 @@ class TestConfig:
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Importing the transport without redis-py asks for the `redis` extra."""
-        monkeypatch.setitem(sys.modules, "redis.asyncio", None)
-        monkeypatch.delitem(sys.modules, "duct_messaging.transports.redis_streams")
-
         with pytest.raises(MissingExtraError, match=r"duct-messaging\[redis\]"):
-            importlib.import_module("duct_messaging.transports.redis_streams")
+            support.import_without(
+                monkeypatch, "redis.asyncio", "duct_messaging.transports.redis_streams"
+            )
