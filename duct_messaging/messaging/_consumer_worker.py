@@ -5,11 +5,7 @@ worker, `concurrency: 1` keeps ordered *lanes* (one per partition; one for
 a source without partitions): a head waiting out its back-off holds only
 its lane, and the worker goes on fetching and handling the others. With
 `concurrency > 1` each delivery runs as its own task, at most `concurrency`
-attempts at a time.
-
-Settling: what finished is acknowledged; a delivery whose dead letter was
-written goes to the source's `reject` instead, when the source has one
-(RabbitMQ, NATS), so the broker can route or drop it as dead.
+attempts at a time. Fetching and settling live in `_consumer_settle`.
 """
 
 from __future__ import annotations
@@ -19,8 +15,7 @@ import contextvars
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -34,6 +29,11 @@ from duct_messaging.messaging._consumer_errors import (
 )
 from duct_messaging.messaging._consumer_lanes import Lane, Lanes, Outcome, Status
 from duct_messaging.messaging._consumer_pipeline import Job, Pipeline, Step
+from duct_messaging.messaging._consumer_settle import (
+    SourceSettling,
+    WorkerStats,
+    wait_for_stop,
+)
 from duct_messaging.messaging._daemon_pool import DaemonPool
 from duct_messaging.messaging.deadletter import DeadLetter
 from duct_messaging.messaging.routing import Subscription
@@ -60,9 +60,6 @@ FETCH_TIMEOUT_S = 0.1
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_DRAIN_TIMEOUT_S = 10.0
 DEFAULT_START_TIMEOUT_S = 30.0
-# A dead-letter write that has not returned by then counts as failed, so a
-# hung sink cannot hold a lane (and its unacknowledged messages) forever.
-DEADLETTER_WRITE_TIMEOUT_S = 30.0
 # After a dead-letter write failed (the sink is likely down), or a delivery
 # failed outside its handler, wait this long before fetching again instead
 # of spinning on redeliveries.
@@ -70,24 +67,8 @@ FAILURE_BACKOFF_S = 0.5
 # After the drain deadline, how long cancelled handler tasks get to end.
 CANCEL_GRACE_S = 1.0
 
-# A failed fetch is retried after this long; the source reconnects meanwhile.
-FETCH_FAILURE_BACKOFF_S = 1.0
 
-
-@dataclass(slots=True)
-class WorkerStats:
-    """Counters a worker keeps for halt reports and tests."""
-
-    handled: int = 0
-    dead_lettered: int = 0
-    released: int = 0
-    dropped: int = 0
-    abandoned: int = 0
-    batches: int = 0
-    errors: list[str] = field(default_factory=list)
-
-
-class SubscriptionWorker:
+class SubscriptionWorker(SourceSettling):
     """Runs one subscription: fetch, handle, acknowledge, until stopped."""
 
     def __init__(
@@ -241,7 +222,7 @@ class SubscriptionWorker:
             await self._update_pauses()
             if self._back_off:
                 self._back_off = False
-                await _wait_for_stop(self._stop, FAILURE_BACKOFF_S)
+                await wait_for_stop(self._stop, FAILURE_BACKOFF_S)
                 continue
             now = time.monotonic()
             room = lanes.room(self.batch_size, now, self._can_pause)
@@ -252,7 +233,7 @@ class SubscriptionWorker:
                 )
                 lanes.add(await self._fetch(room, timeout))
             elif wait:
-                await _wait_for_stop(self._stop, wait)
+                await wait_for_stop(self._stop, wait)
         await self._release(lanes.drain())
 
     async def _process_ready(self) -> tuple[list[Delivery], list[Outcome]]:
@@ -383,7 +364,7 @@ class SubscriptionWorker:
                     await self._settle([o for t in done for o in t.result()])
                 if self._back_off:
                     self._back_off = False
-                    await _wait_for_stop(self._stop, FAILURE_BACKOFF_S)
+                    await wait_for_stop(self._stop, FAILURE_BACKOFF_S)
                     continue
                 room = self.batch_size - len(tasks)
                 if room <= 0:
@@ -427,7 +408,7 @@ class SubscriptionWorker:
                     outcomes = await self._step_async(lane)
                 if outcomes:
                     return outcomes
-                if await _wait_for_stop(self._stop, lane.ready_at - time.monotonic()):
+                if await wait_for_stop(self._stop, lane.ready_at - time.monotonic()):
                     return [Outcome(delivery, Status.RELEASED)]
         except Exception as exc:
             return self._lane_failed(lane, exc)
@@ -524,196 +505,8 @@ class SubscriptionWorker:
         )
         return [Outcome(d, Status.RELEASED) for d in released]
 
-    def _end_claim(self, delivery: Delivery) -> None:
-        """End the claim of an attempt that failed unexpectedly."""
-        hook = self._finish_hook
-        if hook is None:
-            return
-        try:
-            hook(delivery, finished=False)
-        except Exception as exc:
-            log.warning(
-                "finish_failed_continuing",
-                subscription=self.subscription.id,
-                error=describe(exc),
-                next="the delivery is released and comes again",
-            )
-
-    def _finished(
-        self, delivery: Delivery, *, finished: bool, dead: bool = False
-    ) -> None:
-        rejected = dead and self._can_reject
-        if self._finish_hook is not None:
-            # A dead delivery of a rejecting source is settled by `reject`
-            # (in `_settle`): the hook only ends its claim.
-            self._finish_hook(delivery, finished=finished and not rejected)
-        elif rejected:
-            self._unsettled_dead[id(delivery)] = delivery
-        elif finished:
-            self._unsettled[id(delivery)] = delivery
-
-    # -- dead letters, fetching, settling -------------------------------------
-
-    def _write_from_thread(
-        self, dead_letter: DeadLetter, loop: asyncio.AbstractEventLoop
-    ) -> bool:
-        try:
-            future = asyncio.run_coroutine_threadsafe(
-                self._write_dead_letter(dead_letter), loop
-            )
-        except RuntimeError:  # the loop is closed: the system is gone
-            return False
-        while True:
-            try:
-                return future.result(timeout=1.0)
-            except TimeoutError:
-                if loop.is_closed() or not loop.is_running():
-                    future.cancel()
-                    return False
-
-    async def _write_dead_letter(self, dead_letter: DeadLetter) -> bool:
-        try:
-            await asyncio.wait_for(
-                self.pipeline.sink.write(dead_letter), DEADLETTER_WRITE_TIMEOUT_S
-            )
-        except Exception as exc:
-            log.warning(
-                "dead_letter_write_failed",
-                subscription=self.subscription.id,
-                topic=dead_letter.topic,
-                message_id=dead_letter.message_id,
-                error=repr(exc),
-                next="the message stays unacknowledged and is delivered again",
-            )
-            return False
-        log.error(
-            "message_dead_lettered",
-            subscription=self.subscription.id,
-            topic=dead_letter.topic,
-            message_id=dead_letter.message_id,
-            dead_letter_id=dead_letter.id,
-            status=str(dead_letter.status),
-            attempts=dead_letter.attempts,
-            error_type=dead_letter.error_type,
-        )
-        return True
-
-    async def _fetch(self, limit: int, timeout: float) -> Sequence[Delivery]:
-        try:
-            batch = await self.source.fetch(limit, timeout)
-        except Exception as exc:  # keep consuming; the source reconnects
-            log.warning(
-                "fetch_failed_retrying",
-                subscription=self.subscription.id,
-                error=repr(exc),
-                delay_s=FETCH_FAILURE_BACKOFF_S,
-            )
-            await _wait_for_stop(self._stop, FETCH_FAILURE_BACKOFF_S)
-            return ()
-        if batch:
-            self.stats.batches += 1
-        return batch
-
-    async def _settle(
-        self, outcomes: Sequence[Outcome], done: Sequence[Delivery] = ()
-    ) -> None:
-        """Acknowledge what finished (`done` handled too), release the rest.
-
-        Dead-lettered deliveries are rejected instead when the source can
-        reject; that holds for a tracking source too, whose `finish` hook
-        did not acknowledge them.
-        """
-        if not outcomes and not done:
-            return
-        finished: list[Delivery] = list(done)
-        dead: list[Delivery] = []
-        released: list[Delivery] = []
-        can_reject = self._can_reject
-        stats = self.stats
-        stats.handled += len(done)
-        for outcome in outcomes:
-            status = outcome.status
-            if status is Status.DONE:
-                stats.handled += 1
-                finished.append(outcome.delivery)
-            elif status is Status.DEAD:
-                stats.dead_lettered += 1
-                (dead if can_reject else finished).append(outcome.delivery)
-            elif status is Status.RELEASED:
-                stats.released += 1
-                released.append(outcome.delivery)
-            else:
-                stats.dropped += 1
-        if dead:
-            await self._reject(dead)
-        if finished and self._finish_hook is None:
-            await self._ack(finished)
-        await self._release(released)
-
-    async def _ack(self, deliveries: Sequence[Delivery]) -> None:
-        try:
-            await self.source.ack(deliveries)
-        except Exception as exc:
-            # Unacknowledged deliveries come again: at-least-once still holds.
-            log.warning(
-                "ack_failed_continuing",
-                subscription=self.subscription.id,
-                count=len(deliveries),
-                error=repr(exc),
-            )
-        for delivery in deliveries:
-            self._unsettled.pop(id(delivery), None)
-
-    async def _reject(self, deliveries: Sequence[Delivery]) -> None:
-        try:
-            await self.source.reject(deliveries)  # type: ignore[attr-defined]
-        except Exception as exc:
-            log.warning(
-                "reject_failed_continuing",
-                subscription=self.subscription.id,
-                count=len(deliveries),
-                error=repr(exc),
-                next="the messages come again and are dead-lettered again",
-            )
-        for delivery in deliveries:
-            self._unsettled_dead.pop(id(delivery), None)
-
-    async def _settle_unsettled(self) -> None:
-        """Settle what finished while the fetch loop was being cancelled."""
-        if self._unsettled_dead:
-            await self._reject(list(self._unsettled_dead.values()))
-        if self._unsettled:
-            await self._ack(list(self._unsettled.values()))
-
-    async def _release(self, deliveries: Sequence[Delivery]) -> None:
-        release = getattr(self.source, "release", None)
-        if not deliveries or release is None:
-            return
-        try:
-            await release(deliveries)
-        except Exception as exc:
-            log.warning(
-                "release_failed_continuing",
-                subscription=self.subscription.id,
-                count=len(deliveries),
-                error=repr(exc),
-            )
-
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
     """Mark a task's exception retrieved: its owner logged or ignored it."""
     if not task.cancelled():
         task.exception()
-
-
-async def _wait_for_stop(stop: asyncio.Event, seconds: float) -> bool:
-    """Wait until `stop` is set or `seconds` passed; return True if stopped."""
-    if stop.is_set():
-        return True
-    if seconds <= 0:
-        return False
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        return False
-    return True
